@@ -64,6 +64,11 @@ def moe_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(getattr(block, "gate", None), nn.Module) and isinstance(getattr(block, "experts", None), nn.Module)]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Routing maths in fp32 (fp64 stays fp64): bf16 softmax over 256 experts loses the ordering."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # --------------------------------------------------------------------------------------------------
 # The tier rule itself: pure functions of the router logits.
 
@@ -77,8 +82,8 @@ def ranking_scores(logits: torch.Tensor, spec: RouterSpec, router: nn.Module) ->
 def routing_probabilities(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     """Per-token expert probabilities (sigmoid scores normalised to sum 1 for sigmoid routers)."""
     if spec.family == "softmax":
-        return logits.float().softmax(dim=-1)
-    scores = logits.float().sigmoid()
+        return at_least_fp32(logits).softmax(dim=-1)
+    scores = at_least_fp32(logits).sigmoid()
     return scores / scores.sum(dim=-1, keepdim=True)
 
 
@@ -98,7 +103,7 @@ def select_tier_experts(scores: torch.Tensor, positions: torch.Tensor, basis: st
 
 def tier_weights(logits: torch.Tensor, indices: torch.Tensor, spec: RouterSpec, router: nn.Module) -> torch.Tensor:
     """Weights of a tier's experts: softmax over the tier's logits only, or normalised sigmoid x scaling."""
-    chosen = logits.float().gather(-1, indices)
+    chosen = at_least_fp32(logits).gather(-1, indices)
     if spec.family == "softmax":
         return chosen.softmax(dim=-1)
     scores = chosen.sigmoid()
@@ -242,15 +247,15 @@ class TierRouting:
         for tier in sorted(set(state.tiers)):
             where = (token_tiers == tier).nonzero().squeeze(-1)
             if tier == 1:
-                groups.append((where, std_weights[where].float(), std_indices[where]))
+                groups.append((where, std_weights[where], std_indices[where]))
             else:
                 mask = state.token_mask[where] if state.token_mask is not None else None
                 groups.append((where, *self._route_tokens(layer, router, logits[where], tier, state, mask)))
         width = max(g[2].shape[1] for g in groups)
-        weights = logits.new_zeros(logits.shape[0], width)
+        weights = at_least_fp32(logits.new_zeros(logits.shape[0], width))
         indices = std_indices.new_zeros(logits.shape[0], width)
         for where, w, i in groups:
-            weights[where, : w.shape[1]] = w
+            weights[where, : w.shape[1]] = w.to(weights.dtype)
             indices[where, : i.shape[1]] = i
         return weights.to(std_weights.dtype), indices
 
