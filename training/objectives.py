@@ -85,7 +85,10 @@ class TierObjective:
     # ---- one micro-batch ----------------------------------------------------------------------------
     def __call__(self, model: nn.Module, batch: dict[str, Any], backward: Backward | None = None,
                  step: int = 0) -> StepResult:
-        """Run the paths for `batch`; call `backward(term)` per term when training. Returns L and its parts."""
+        """Run the paths for `batch`; call `backward(term)` per term when training. Returns L and its parts.
+
+        `step` is the 1-based optimizer step: skipped tiers are measured when it is a multiple of `diag_every`.
+        """
         labels = batch["labels"]
         training = backward is not None
         with torch.set_grad_enabled(training):

@@ -1,0 +1,63 @@
+"""The training config (`configs/train/*.yaml`): one dataclass tree, validated when loaded."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from training.objectives import ObjectiveConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr` (paper: lr 2e-5, cosine)."""
+
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from. `text`: a corpus file cut into chunks (language-model stage)."""
+
+    kind: Literal["text"] = "text"
+    corpus: str = "data/corpus/python_docstrings.txt"
+    tokenizer: str = "configs/tokenizers/tiny-omni/tokenizer.json"
+    seq_len: int = 128
+    batch_size: int = 16  # micro-batch per device
+    eval_fraction: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    model: str  # a configs/models/*.yaml file, or a checkpoint directory written by this trainer
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen in this stage
+    device: str = "auto"
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -1,0 +1,111 @@
+"""The training loop: config in, checkpoints, logs and plots out. Resumes exactly after a crash."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from data.text import ChunkBatches, TextChunks
+from models.build import build_model
+from models.config import to_dict
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import DataConfig, TrainConfig
+from training.engine import PlainEngine, resolve_device
+from training.objectives import build_objective
+from training.run_log import RunLog, plot_training_curves
+
+
+def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
+    """Freeze every parameter whose name starts with one of `prefixes`; returns how many were frozen."""
+    frozen = 0
+    for prefix in prefixes:
+        matched = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+        if not matched:
+            roots = sorted({n.split(".")[0] for n, _ in model.named_parameters()})
+            raise ValueError(f"freeze prefix {prefix!r} matches no parameter; top-level modules: {roots}")
+        for param in matched:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def build_batches(config: DataConfig, seed: int) -> tuple[ChunkBatches, TextChunks]:
+    chunks = TextChunks(config.corpus, config.tokenizer, config.seq_len, config.eval_fraction)
+    return ChunkBatches(chunks.train, config.batch_size, seed=seed), chunks
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the training job `config` describes; returns the final metrics."""
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "train_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    model = build_model(config.model)
+    frozen = freeze_parameters(model, config.freeze)
+    model.to(device)
+    objective = build_objective(config.objective, model)
+    if config.gradient_checkpointing:
+        if objective.routing is not None:  # carries the routing state into the recomputation
+            objective.routing.enable_activation_checkpointing(model)
+        else:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+    batches, _ = build_batches(config.data, config.seed)
+    engine = PlainEngine(model, config, device)
+
+    step = 0
+    checkpoint = latest_checkpoint(output_dir) if config.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model)
+        engine.load_state_dict(state["engine"])
+        batches.load_state_dict(state["data"])
+        step = int(state["step"])
+
+    log = RunLog(output_dir)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if checkpoint is None:
+        log.log(0, {"event": "start", "trainable_params": trainable, "frozen_params": frozen,
+                    "tier_plan": objective.routing.plan.describe() if objective.routing else []})
+    stream = iter(batches)
+    model.train()
+    progress = tqdm(total=config.steps, initial=step, desc="train", disable=not show_progress, dynamic_ncols=True)
+    metrics: dict[str, Any] = {}
+    while step < config.steps:
+        started = time.perf_counter()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for _ in range(config.grad_accum):
+            batch = {k: v.to(device) for k, v in next(stream).items()}
+            with engine.autocast():
+                result = objective(model, batch, backward=engine.backward, step=step + 1)
+            for key, value in {"loss": result.loss, **result.parts}.items():
+                sums[key] += value
+                counts[key] += 1
+        grad_norm = engine.step()
+        objective.after_optimizer_step()
+        step += 1
+        elapsed = time.perf_counter() - started
+        metrics = {k: sums[k] / counts[k] for k in sums}
+        metrics["supervised_tokens"] = sums["supervised_tokens"]
+        metrics.update(lr=engine.lr, grad_norm=grad_norm, step_seconds=elapsed,
+                       tokens_per_second=sums["supervised_tokens"] / elapsed, epoch=batches.epoch)
+        progress.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            log.log(step, metrics)
+            progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "ntp", "erl", "tier_order_agreement")
+                                  if k in metrics})
+        if (config.save_every and step % config.save_every == 0) or step == config.steps:
+            save_checkpoint(output_dir, step, model,
+                            {"step": step, "engine": engine.state_dict(), "data": batches.state_dict()},
+                            {"model_config": str(config.model), "metrics": metrics}, keep=config.keep_checkpoints)
+    progress.close()
+    log.close()
+    plot_training_curves(log.path, output_dir / "training_curves.png")
+    return metrics
