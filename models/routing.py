@@ -59,9 +59,15 @@ def router_spec(router: nn.Module) -> RouterSpec:
 
 
 def moe_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """`(name, gate)` of every MoE block (a module with `gate` and `experts` children), in model order."""
+    """`(name, gate)` of every MoE block (a module with `gate` and `experts` children), in model order.
+
+    Blocks inside multi-token-prediction layers (`is_mtp_layer`) are left out: they are an auxiliary
+    head, not part of the forward whose tiers OrdMoE ranks.
+    """
+    mtp = tuple(f"{name}." for name, module in model.named_modules() if getattr(module, "is_mtp_layer", False))
     return [(f"{name}.gate" if name else "gate", block.gate) for name, block in model.named_modules()
-            if isinstance(getattr(block, "gate", None), nn.Module) and isinstance(getattr(block, "experts", None), nn.Module)]
+            if isinstance(getattr(block, "gate", None), nn.Module) and isinstance(getattr(block, "experts", None), nn.Module)
+            and not (mtp and f"{name}.".startswith(mtp))]
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,37 @@
+import re
+
+import pytest
+
+from tools.model_info import main
+
+
+def run(capsys, *argv):
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def params(lines):
+    match = re.fullmatch(r"params: total=(\d+) active=(\d+)", lines[-1])
+    assert match, lines[-1]
+    return int(match[1]), int(match[2])
+
+
+def test_ling_mini_full_size_counts_and_tier_ranks(capsys):
+    lines = run(capsys, "configs/models/ling-mini-2.0.yaml", "--tiers", "3", "--plan", "uniform")
+    total, active = params(lines)
+    assert 15.5e9 < total < 16.8e9 and 1.2e9 < active < 1.6e9, (total, active)
+    assert lines[-4:-1] == ["tier 1: ranks 1-8", "tier 2: ranks 121-128", "tier 3: ranks 249-256"]
+
+
+def test_ling_lite_full_size_counts_and_tier_ranks(capsys):
+    lines = run(capsys, "configs/models/ling-lite.yaml", "--tiers", "4")
+    total, active = params(lines)
+    assert 16e9 < total < 17.5e9 and 2.5e9 < active < 3.0e9, (total, active)
+    assert lines[-5:-1] == ["tier 1: ranks 1-6", "tier 2: ranks 19-24", "tier 3: ranks 37-42", "tier 4: ranks 59-64"]
+
+
+def test_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbone:\n  name: ling-lite\n  confg: {}\n")
+    assert main([str(bad)]) == 2
+    assert "unknown key 'backbone.confg'" in capsys.readouterr().err
