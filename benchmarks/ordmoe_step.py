@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from common import peak_memory, pick_device, summary_line, time_it
+from common import REPO, peak_memory, pick_device, summary_line, time_it
 
 import models  # noqa: F401  (registers the backbones)
 from models.build import load_model_config, build_model
@@ -37,7 +37,7 @@ SIZES = {  # overrides of the tiny Ling-lite config; batch x sequence per step
 
 def measure(size: str, device: torch.device, repeats: int) -> dict[str, tuple[float, int]]:
     overrides, batch_size, seq_len = SIZES[size]
-    config = load_model_config("configs/models/tiny-ling-lite.yaml")
+    config = load_model_config(REPO / "configs/models/tiny-ling-lite.yaml")
     config.backbone.config.update(overrides)
     torch.manual_seed(0)
     model = build_model(config).to(device)
