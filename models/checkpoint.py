@@ -245,7 +245,9 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
-def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+def _read_shapes(files: dict[str, Path], stored: dict[str, str] | None = None) -> dict[str, tuple[int, ...]]:
+    """key -> shape from the safetensors headers; `stored` maps a key to its name in the file (prefixes)."""
+    stored = stored or {}
     shapes: dict[str, tuple[int, ...]] = {}
     by_file: dict[Path, list[str]] = {}
     for key, file in files.items():
@@ -253,22 +255,23 @@ def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     for file, keys in by_file.items():
         with safe_open(file, framework="pt") as f:
             present = set(f.keys())
-            lost = [k for k in keys if k not in present]
+            lost = [stored.get(k, k) for k in keys if stored.get(k, k) not in present]
             if lost:
                 raise CheckpointError(f"{file.name} lacks key(s) its index assigns to it: {', '.join(lost[:SHOWN])}")
             for key in keys:
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+                shapes[key] = tuple(f.get_slice(stored.get(key, key)).get_shape())
     return shapes
 
 
-def _read_tensors(files: dict[str, Path], keys: set[str], rename: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(files: dict[str, Path], stored: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    stored = stored or {}
     by_file: dict[Path, list[str]] = {}
-    for key in keys:
-        by_file.setdefault(files[key], []).append(key)
+    for key, file in files.items():
+        by_file.setdefault(file, []).append(key)
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
             for key in names:
-                yield rename[key], f.get_tensor(key)
+                yield key, f.get_tensor(stored.get(key, key))
 
 
 def load_official(path: str | Path, model_class: type, *, prefix: str | None = None, dtype: torch.dtype | None = None,
@@ -295,9 +298,10 @@ def load_official(path: str | Path, model_class: type, *, prefix: str | None = N
 
     files = {k[len(prefix):]: f for k, f in checkpoint_files(path).items() if k.startswith(prefix)}
     files = {k: f for k, f in files.items() if not IGNORED_KEYS.match(k)}
-    shapes = _read_shapes(files)
-    validate(model, shapes, source=str(path))
-    tensors = dict(_read_tensors(files, set(files), {k: k for k in files}))
+    stored = {k: prefix + k for k in files}
+    shapes = _read_shapes(files, stored)
+    validate(model, shapes, source=str(path) + (f" (keys under {prefix!r})" if prefix else ""))
+    tensors = dict(_read_tensors(files, stored))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("expert_bias") else v
                    for k, v in tensors.items()}
@@ -379,8 +383,7 @@ def save_official(model: nn.Module, path: str | Path, max_shard_size: int | str 
 
 def read_official_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of an official checkpoint directory, by key (for tests and inspection)."""
-    files = checkpoint_files(path)
-    return dict(_read_tensors(files, set(files), {k: k for k in files}))
+    return dict(_read_tensors(checkpoint_files(path)))
 
 
 __all__ = ["CheckpointError", "load_official", "save_official", "to_official", "from_official", "official_layout",
