@@ -160,8 +160,10 @@ class TierObjective:
                                                step=step, token_mask=mask_tokens)
                         lbar[tier] = mean_token_logprob(*token_logprobs(logits, labels))
         if training and start is not shared and start.grad is not None:
-            # the shared part (embeddings, encoders) gets the summed gradient of all paths, once
-            backward((shared * start.grad).sum())
+            # The shared part (embeddings, encoders) gets the summed gradient of all paths, once. The
+            # engine already scaled that gradient (accumulation, loss scale) in the path backwards, so
+            # it goes through autograd directly rather than through `backward` a second time.
+            torch.autograd.backward(shared, grad_tensors=start.grad)
 
         sample_mask = (labels[:, 1:] != -100).any(dim=-1)
         for tier, value in lbar.items():

@@ -79,6 +79,18 @@ def test_gradients_equal_the_all_paths_reference(execution, num_tiers):
     assert_same_gradients(grads, ref_grads)
 
 
+def test_engine_scaling_reaches_every_parameter_once():
+    """An engine that scales each term (gradient accumulation) scales every gradient by the same factor."""
+    config = ObjectiveConfig(tiers=TierConfig(num_tiers=3))
+    model = tiny_moe()
+    _, ref_grads = reference_gradients(model, config, make_batch())
+    objective = build_objective(config, model)
+    model.zero_grad()
+    objective(model, make_batch(), backward=lambda term: (term / 4).backward())
+    grads = {n: p.grad.clone() * 4 for n, p in model.named_parameters() if p.grad is not None}
+    assert_same_gradients(grads, ref_grads)
+
+
 def test_zero_advantage_tier_is_skipped_but_measured():
     config = ObjectiveConfig(tiers=TierConfig(num_tiers=3), diag_every=1)
     model = tiny_moe()
