@@ -27,7 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from models.backbones import BACKBONES, check_config_keys
 from models.moe import (GatedMLP, MultiGateRouter, SigmoidGroupRouter, SoftmaxTopKRouter, SparseMoeBlock,
-                        count_parameters, init_moe_module)
+                        init_moe_module)
 
 
 class LingLiteConfig(PretrainedConfig):
@@ -432,9 +432,6 @@ class LingLiteForCausalLM(LingPreTrainedModel, GenerationMixin):
     def save_official(self, path, max_shard_size: int | str = "5GB") -> None:
         from models.checkpoint import save_official
         save_official(self, path, max_shard_size=max_shard_size)
-
-    def count_parameters(self, include_mtp: bool = False) -> tuple[int, int]:
-        return count_parameters(self, include_mtp=include_mtp)
 
 
 def _loss_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -223,33 +223,3 @@ def init_moe_module(module: nn.Module, std: float) -> None:
             init.normal_(param, mean=0.0, std=std)
         if isinstance(module, SigmoidGroupRouter):
             init.zeros_(module.expert_bias)
-
-
-def count_parameters(model: nn.Module, include_mtp: bool = False) -> tuple[int, int]:
-    """`(total, active)` parameter counts of a Ling model (works on the `meta` device).
-
-    Convention of the model cards (Ling-lite 16.8B / 2.75B, Ling-mini-2.0 16.26B / 1.43B): embeddings
-    **and** the LM head are included in both numbers; MTP layers are excluded unless `include_mtp`
-    (Ling-mini-2.0's 16.26B does not count its MTP layer). Active = everything except the routed experts,
-    plus `top_k / num_experts` of each MoE layer's routed experts; a `multi_gate` router counts one of its
-    modality routers as active. Buffers (e.g. `expert_bias`) are not parameters and are not counted.
-    """
-    mtp_prefixes = tuple(f"{name}." for name, module in model.named_modules() if getattr(module, "is_mtp_layer", False))
-    total = active = 0
-    for name, module in model.named_modules():
-        if include_mtp is False and mtp_prefixes and (name + ".").startswith(mtp_prefixes):
-            continue
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        total += own
-        if isinstance(module, FusedExperts):
-            active += own // module.num_experts * _block_top_k(model, name)
-        elif isinstance(module, MultiGateRouter):
-            active += module.weight.numel()
-        else:
-            active += own
-    return total, active
-
-
-def _block_top_k(model: nn.Module, experts_name: str) -> int:
-    block = model.get_submodule(experts_name.rsplit(".", 1)[0]) if "." in experts_name else model
-    return block.gate.top_k

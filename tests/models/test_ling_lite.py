@@ -9,7 +9,7 @@ from models.backbones import build_backbone
 from models.build import build_model, load_model_config
 from models.config import ConfigError
 from models.ling_lite import LingLiteConfig, LingLiteForCausalLM
-from models.moe import count_parameters
+from models.parameters import count_parameters
 from models.routing import TierRouting
 from models.tiers import TierConfig, build_tier_plan
 
@@ -132,7 +132,8 @@ def test_full_size_on_meta_has_the_model_card_parameter_counts():
     config = load_model_config("configs/models/ling-lite.yaml").backbone.config
     with torch.device("meta"):
         model = LingLiteForCausalLM(LingLiteConfig(**config))
-    total, active = count_parameters(model)
+    counts = count_parameters(model)
+    total, active = counts.total, counts.active
     # model card: 16.8B total, 2.75B activated (embeddings and LM head included)
     assert abs(total / 1e9 - 16.8) < 0.05, total
     assert abs(active / 1e9 - 2.75) < 0.02, active

@@ -9,7 +9,8 @@ from models.backbones import build_backbone
 from models.build import build_model, load_model_config
 from models.ling_lite import apply_rotary
 from models.ling_mini import LingMiniConfig, LingMiniForCausalLM
-from models.moe import SigmoidGroupRouter, count_parameters
+from models.moe import SigmoidGroupRouter
+from models.parameters import count_parameters
 from models.routing import TierRouting
 from models.tiers import TierConfig, build_tier_plan
 
@@ -131,13 +132,14 @@ def test_full_size_on_meta_has_the_model_card_parameter_counts():
     config = load_model_config("configs/models/ling-mini-2.0.yaml").backbone.config
     with torch.device("meta"):
         model = LingMiniForCausalLM(LingMiniConfig(**config))
-    total, active = count_parameters(model)
+    counts = count_parameters(model)
+    total, active = counts.total, counts.active
     # README of inclusionAI/Ling-V2: "1.43B activated of 16.26B total params", non-embedding active 789M
     assert abs(total / 1e9 - 16.26) < 0.01, total
     assert abs(active / 1e9 - 1.43) < 0.01, active
     embeddings = model.model.word_embeddings.weight.numel() + model.lm_head.weight.numel()
     assert abs((active - embeddings) / 1e6 - 789) < 1
-    with_mtp, _ = count_parameters(model, include_mtp=True)
+    with_mtp = count_parameters(model, include_mtp=True).total
     assert with_mtp > total + 0.8e9  # the MTP layer is one more MoE layer (~0.83B)
     block = model.model.layers[1].mlp
     assert (block.gate.num_experts, block.gate.top_k, block.gate.n_group, block.gate.topk_group) == (256, 8, 8, 4)
