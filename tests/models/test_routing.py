@@ -195,3 +195,70 @@ def test_plain_checkpointing_without_the_routing_context_recomputes_the_wrong_pa
         loss = model(INPUT, labels=INPUT).loss
     with pytest.raises(Exception, match="recomputation|different"):
         loss.backward()  # recomputes standard routing: torch detects the mismatch (or the gradient is wrong)
+
+
+# ---- the same guarantees on our own backbones (built from their tiny configs) ------------------------
+
+def ling(name):
+    from models.build import build_model
+    torch.manual_seed(0)
+    return build_model(f"configs/models/{name}.yaml").eval()
+
+
+LING_INPUT = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(2))
+MODALITIES = torch.tensor([[0, 1, 1, 1, 0, 2, 2, 0, 0], [0, 0, 3, 3, 3, 0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("name", ["tiny-ling-lite", "tiny-ling-mini"])
+def test_ling_path_one_is_standard_and_tiers_use_tier_experts(name):
+    model = ling(name)
+    reference = model(LING_INPUT, modality_ids=MODALITIES).logits
+    routing = attach(model, c=3)
+    with routing.path(1):
+        assert torch.equal(model(LING_INPUT, modality_ids=MODALITIES).logits, reference)
+    n, k = routing.num_experts, routing.top_k
+    positions = list(routing.plan.positions[2])
+    with routing.path(3, record=True):
+        model(LING_INPUT, modality_ids=MODALITIES)
+    for record, (_, gate) in zip(routing.recorded(), routing.routers):
+        scores = record.logits if record.spec.family == "softmax" else record.logits.sigmoid() + gate.expert_bias
+        order = scores.argsort(dim=-1, descending=True)
+        assert torch.equal(record.indices.sort(-1).values, order[:, positions].sort(-1).values)
+        assert record.indices.shape[1] == len(positions) == k and n == routing.num_experts
+
+
+def test_multi_gate_tiers_rank_by_each_tokens_own_modality_router():
+    model = ling("tiny-ling-lite")
+    routing = attach(model, c=2)
+    gate = routing.routers[0][1]
+    seen = {}
+    handle = gate.register_forward_pre_hook(lambda module, args: seen.setdefault("hidden", args[0].detach()))
+    with routing.path(2, record=True):
+        model(LING_INPUT, modality_ids=MODALITIES)
+    handle.remove()
+    record, tokens = routing.recorded()[0], MODALITIES.reshape(-1)
+    routers = {0: gate.weight, 1: gate.image_weight, 2: gate.audio_weight, 3: gate.image_weight}  # video -> image
+    for modality, weight in routers.items():
+        rows = (tokens == modality).nonzero().squeeze(-1)
+        own = seen["hidden"][rows].float() @ weight.float().T
+        torch.testing.assert_close(record.logits[rows], own)
+        order = own.argsort(dim=-1, descending=True)[:, list(routing.plan.positions[1])]
+        assert torch.equal(record.indices[rows].sort(-1).values, order.sort(-1).values)
+
+
+@pytest.mark.parametrize("name", ["tiny-ling-lite", "tiny-ling-mini"])
+def test_ling_gradient_checkpointing_keeps_tier_gradients(name):
+    def grads(checkpointing):
+        model = ling(name).train()
+        routing = attach(model, c=3)
+        if checkpointing:
+            routing.enable_activation_checkpointing(model)
+        with routing.path(3):
+            loss = model(LING_INPUT, labels=LING_INPUT, modality_ids=MODALITIES).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name_ in plain:
+        torch.testing.assert_close(checkpointed[name_], plain[name_], rtol=1e-5, atol=1e-7, msg=name_)
