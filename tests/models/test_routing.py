@@ -232,7 +232,7 @@ def test_multi_gate_tiers_rank_by_each_tokens_own_modality_router():
     routing = attach(model, c=2)
     gate = routing.routers[0][1]
     seen = {}
-    handle = gate.register_forward_pre_hook(lambda module, args: seen.setdefault("hidden", args[0].detach()))
+    handle = gate.register_forward_pre_hook(lambda module, args: seen.update(hidden=args[0].detach()))
     with routing.path(2, record=True):
         model(LING_INPUT, modality_ids=MODALITIES)
     handle.remove()
