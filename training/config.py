@@ -47,6 +47,7 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0
+    deterministic: bool = False  # bit-reproducible runs and resumes (deterministic kernels; a little slower)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen in this stage

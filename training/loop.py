@@ -1,6 +1,7 @@
 """The training loop: config in, checkpoints, logs and plots out. Resumes exactly after a crash."""
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,8 +41,16 @@ def build_batches(config: DataConfig, seed: int) -> tuple[ChunkBatches, TextChun
     return ChunkBatches(chunks.train, config.batch_size, seed=seed), chunks
 
 
+def make_deterministic() -> None:
+    """Deterministic kernels: multithreaded index/scatter reductions otherwise differ in the last bits."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS in deterministic mode
+    torch.use_deterministic_algorithms(True)
+
+
 def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the training job `config` describes; returns the final metrics."""
+    if config.deterministic:
+        make_deterministic()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     output_dir = Path(config.output_dir)
@@ -97,7 +106,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         metrics.update(lr=engine.lr, grad_norm=grad_norm, step_seconds=elapsed,
                        tokens_per_second=sums["supervised_tokens"] / elapsed, epoch=batches.epoch)
         progress.update(1)
-        if step % config.log_every == 0 or step == config.steps:
+        if step == 1 or step % config.log_every == 0 or step == config.steps:
             log.log(step, metrics)
             progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "ntp", "erl", "tier_order_agreement")
                                   if k in metrics})

@@ -1,0 +1,138 @@
+"""The training loop end to end on the bundled corpus: loss falls, tiers are reported, resume is exact."""
+import json
+
+import pytest
+import torch
+
+import models  # noqa: F401
+from models.config import from_dict
+from training.checkpoint import latest_checkpoint
+from training.config import TrainConfig
+from training.loop import train
+from training.run_log import read_metrics
+
+MODEL = "configs/models/tiny-ling-lite.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real English text (the standard library's docstrings) and a BPE tokenizer trained on it."""
+    import argparse
+    import collections
+    import inspect
+    import json as json_module
+    import pathlib
+    import typing
+    import unittest
+
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+
+    directory = tmp_path_factory.mktemp("corpus")
+    modules = [argparse, collections, inspect, json_module, pathlib, typing, unittest, pytest, torch, torch.nn,
+               torch.nn.functional, torch.Tensor]
+    docs = [inspect.getdoc(obj) for module in modules for _, obj in inspect.getmembers(module)
+            if inspect.getdoc(obj) and len(inspect.getdoc(obj)) > 200]
+    text_path = directory / "corpus.txt"
+    text_path.write_text("\n\n".join(dict.fromkeys(docs)))
+    tokenizer = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train([str(text_path)], trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<|endoftext|>"]))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return {"corpus": str(text_path), "tokenizer": str(directory / "tokenizer.json")}
+
+
+@pytest.fixture
+def config(tmp_path, corpus):
+    def make(directory=tmp_path, **overrides) -> TrainConfig:
+        return _config(directory, corpus, **overrides)
+    return make
+
+
+def _config(tmp_path, corpus, **overrides) -> TrainConfig:
+    data = {"model": MODEL, "output_dir": str(tmp_path / "run"), "steps": 8, "log_every": 1, "seed": 3,
+            "data": {"seq_len": 32, "batch_size": 4, **corpus}, "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "objective": {"tiers": {"num_tiers": 3}, "diag_every": 2}}
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(TrainConfig, data, source="test")
+
+
+@pytest.fixture
+def restore_determinism():
+    """`deterministic: true` flips a process-wide switch; put it back for the other tests."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_ordmoe_training_on_real_text_lowers_the_loss_and_reports_tiers(tmp_path, config):
+    cfg = config(steps=300, log_every=25, **{"objective.diag_every": 25, "optim.lr": 2e-3,
+                                                         "data.seq_len": 64, "data.batch_size": 8})
+    train(cfg, show_progress=False)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "ntp" in r]
+    assert rows[0]["step"] == 1
+    assert rows[-1]["ntp"] < rows[0]["ntp"] - 0.5, (rows[0]["ntp"], rows[-1]["ntp"])
+    last = rows[-1]
+    assert {"logp_tier1", "logp_tier2", "logp_tier3", "tier_order_agreement", "erl", "bal"} <= last.keys()
+    print("per-tier mean token log-prob:", {k: round(v, 3) for k, v in last.items() if k.startswith("logp")})
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
+
+
+def test_crash_mid_training_resumes_to_the_same_weights(tmp_path, config, monkeypatch, restore_determinism):
+    reference = tmp_path / "reference"
+    train(config(reference, save_every=3, deterministic=True), show_progress=False)
+
+    crashed = tmp_path / "crashed"
+    import training.engine as engine
+    real_step, calls = engine.PlainEngine.step, {"n": 0}
+
+    def failing_step(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated node failure")
+        return real_step(self)
+
+    monkeypatch.setattr(engine.PlainEngine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(config(crashed, save_every=3, deterministic=True), show_progress=False)
+    monkeypatch.setattr(engine.PlainEngine, "step", real_step)
+    assert latest_checkpoint(crashed / "run").name == "step-00000003"
+    train(config(crashed, save_every=3, deterministic=True), show_progress=False)  # resumes from step 3
+
+    expected, resumed = weights(reference / "run"), weights(crashed / "run")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path, config):
+    train(config(save_every=2, keep_checkpoints=2), show_progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006", "step-00000008"]
+    meta = json.loads((root / "step-00000008" / "meta.json").read_text())
+    assert meta["step"] == 8 and "loss" in meta["metrics"]
+
+
+def test_every_loss_part_is_logged(tmp_path, config):
+    train(config(), show_progress=False)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[0]["event"] == "start" and rows[0]["tier_plan"] == ["tier 1: ranks 1-4", "tier 2: ranks 5-8", "tier 3: ranks 13-16"]
+    step_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in step_rows] == list(range(1, 9))
+    assert {"ntp", "erl", "bal", "lr", "grad_norm", "logp_tier1", "logp_tier3"} <= step_rows[0].keys()
+    assert "logp_tier2" in step_rows[1] and "logp_tier2" not in step_rows[0]  # measured every diag_every=2
+
+
+def test_unknown_freeze_prefix_names_the_modules(config):
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train(config(freeze=["vision_tower"]), show_progress=False)
