@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config.model)
     load_model_weights(checkpoint, model)
     model.to(device)
-    _, chunks = build_batches(config.data, config.seed)
+    _, chunks = build_batches(config.data, config.seed, run_dir, model.get_input_embeddings().num_embeddings)
     held_out = ChunkBatches(chunks.eval, min(args.batch_size, len(chunks.eval)), shuffle=False)
     batches = [b for _, b in zip(range(min(args.max_batches, held_out.batches_per_epoch)), held_out)]
     scores = probe_tiers(model, batches, tiers, args.scopes, device)

@@ -28,11 +28,15 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where batches come from. `text`: a corpus file cut into chunks (language-model stage)."""
+    """Where batches come from. `text`: a corpus file cut into chunks (language-model stage).
+
+    Without `corpus`, the offline docstring corpus is built into `<output_dir>/corpus/` with a BPE
+    tokenizer sized to the model's vocabulary (data/text.py).
+    """
 
     kind: Literal["text"] = "text"
-    corpus: str = "data/corpus/python_docstrings.txt"
-    tokenizer: str = "configs/tokenizers/tiny-omni/tokenizer.json"
+    corpus: str | None = None
+    tokenizer: str | None = None
     seq_len: int = 128
     batch_size: int = 16  # micro-batch per device
     eval_fraction: float = 0.05

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from data.text import ChunkBatches, TextChunks
+from data.text import ChunkBatches, TextChunks, build_docstring_corpus
 from models.build import build_model
 from models.config import to_dict
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -36,8 +36,20 @@ def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
     return frozen
 
 
-def build_batches(config: DataConfig, seed: int) -> tuple[ChunkBatches, TextChunks]:
-    chunks = TextChunks(config.corpus, config.tokenizer, config.seq_len, config.eval_fraction)
+def build_batches(config: DataConfig, seed: int, output_dir: str | Path, vocab_size: int
+                  ) -> tuple[ChunkBatches, TextChunks]:
+    corpus, tokenizer = config.corpus, config.tokenizer
+    if corpus is None:
+        built = Path(output_dir) / "corpus"
+        if not (built / "tokenizer.json").is_file():
+            build_docstring_corpus(built, vocab_size=vocab_size)
+        corpus, tokenizer = built / "corpus.txt", built / "tokenizer.json"
+    elif tokenizer is None:
+        raise ValueError("data.tokenizer is required when data.corpus is given")
+    chunks = TextChunks(corpus, tokenizer, config.seq_len, config.eval_fraction)
+    if chunks.tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {chunks.tokenizer.get_vocab_size()} tokens but the model's "
+                         f"embedding has {vocab_size} rows")
     return ChunkBatches(chunks.train, config.batch_size, seed=seed), chunks
 
 
@@ -66,7 +78,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             objective.routing.enable_activation_checkpointing(model)
         else:
             model.activation_checkpointing_enable({"use_reentrant": False})
-    batches, _ = build_batches(config.data, config.seed)
+    batches, _ = build_batches(config.data, config.seed, output_dir, model.get_input_embeddings().num_embeddings)
     engine = PlainEngine(model, config, device)
 
     step = 0

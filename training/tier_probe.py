@@ -105,7 +105,7 @@ def save_report(scores: list[TierScore], out_dir: str | Path, meta: dict[str, An
         ax.set_xlabel("layer scope")
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=110)
     plt.close(fig)

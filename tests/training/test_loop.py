@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import models  # noqa: F401
+from data.text import build_docstring_corpus
 from models.config import from_dict
 from training.checkpoint import latest_checkpoint
 from training.config import TrainConfig
@@ -16,29 +17,9 @@ MODEL = "configs/models/tiny-ling-lite.yaml"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Real English text (the standard library's docstrings) and a BPE tokenizer trained on it."""
-    import argparse
-    import collections
-    import inspect
-    import json as json_module
-    import pathlib
-    import typing
-    import unittest
-
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
-
-    directory = tmp_path_factory.mktemp("corpus")
-    modules = [argparse, collections, inspect, json_module, pathlib, typing, unittest, pytest, torch, torch.nn,
-               torch.nn.functional, torch.Tensor]
-    docs = [inspect.getdoc(obj) for module in modules for _, obj in inspect.getmembers(module)
-            if inspect.getdoc(obj) and len(inspect.getdoc(obj)) > 200]
-    text_path = directory / "corpus.txt"
-    text_path.write_text("\n\n".join(dict.fromkeys(docs)))
-    tokenizer = Tokenizer(tok_models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.train([str(text_path)], trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<|endoftext|>"]))
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return {"corpus": str(text_path), "tokenizer": str(directory / "tokenizer.json")}
+    """Real English text (Python's and PyTorch's docstrings) and a BPE tokenizer trained on it."""
+    text, tokenizer = build_docstring_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=512)
+    return {"corpus": str(text), "tokenizer": str(tokenizer)}
 
 
 @pytest.fixture
