@@ -1,0 +1,28 @@
+"""The two training CLIs end to end: tools/train.py then tools/probe_tiers.py on its run."""
+import json
+
+from tools.probe_tiers import main as probe_main
+from tools.train import main as train_main
+
+
+def test_train_then_probe_tiers(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(["configs/train/tiny-ordmoe-text.yaml", f"output_dir={run}", "steps=6", "log_every=3",
+                       "data.batch_size=4", "data.seq_len=32", "--no-progress"]) == 0
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000006"
+    capsys.readouterr()
+    assert probe_main([str(run), "--max-batches", "1", "--scopes", "all", "deep"]) == 0
+    out = capsys.readouterr().out
+    assert "| all | 3 | 13-16 |" in out and "| deep | 2 | 5-8 |" in out
+    report = json.loads((run / "tier_probe" / "tier_probe.json").read_text())
+    assert [(s["scope"], s["tier"]) for s in report["scores"]] == [("all", 1), ("all", 2), ("all", 3),
+                                                                    ("deep", 1), ("deep", 2), ("deep", 3)]
+    assert (run / "tier_probe" / "tier_probe.png").stat().st_size > 0
+
+
+def test_config_errors_are_reported_not_raised(tmp_path, capsys):
+    assert train_main(["configs/train/tiny-ordmoe-text.yaml", "objective.rewards=[0.0,0.5,1.0]"]) == 2
+    err = capsys.readouterr().err
+    assert "strictly decreasing" in err and "tiny-ordmoe-text.yaml" in err
+    assert train_main(["configs/train/tiny-ordmoe-text.yaml", "objective.tiers.plan=best"]) == 2
+    assert "must be one of" in capsys.readouterr().err
