@@ -91,8 +91,8 @@ class ChunkBatches:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def build_docstring_corpus(out_dir: str | Path, vocab_size: int = 2048,
-                           modules: tuple[str, ...] = CORPUS_MODULES) -> tuple[Path, Path]:
+def build_docstring_corpus(out_dir: str | Path, vocab_size: int = 2048, modules: tuple[str, ...] = CORPUS_MODULES,
+                           special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> tuple[Path, Path]:
     """Write `corpus.txt` (one docstring per paragraph) and a byte-level BPE `tokenizer.json` trained on it.
 
     Deterministic for a given Python/PyTorch install; takes a few seconds. Returns both paths.
@@ -113,7 +113,7 @@ def build_docstring_corpus(out_dir: str | Path, vocab_size: int = 2048,
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train([str(corpus)], trainer)
     tokenizer.save(str(out / "tokenizer.json"))

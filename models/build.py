@@ -6,10 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
 from torch import nn
 
 from models.backbones import build_backbone
-from models.config import from_dict, read_yaml
+from models.config import ConfigError, from_dict, read_yaml
+
+# The placeholder token each modality's features replace (data/tokenizer.py defines the full spans).
+PATCH_TOKENS = {"image": "<imagePatch>", "video": "<videoPatch>", "audio": "<audioPatch>"}
 
 
 @dataclass
@@ -20,8 +24,33 @@ class BackboneSection:
 
 
 @dataclass
+class ComponentSection:
+    name: str  # a key of VISION_ENCODERS / AUDIO_ENCODERS
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProjectorSections:
+    vision: dict[str, Any] = field(default_factory=lambda: {"name": "mlp2x_gelu"})
+    audio: dict[str, Any] = field(default_factory=lambda: {"name": "conv_audio", "depth": 2, "kernel_size": 3,
+                                                           "stride": 2})
+
+
+@dataclass
 class ModelConfig:
+    """A model YAML: the backbone, and for an omni model its encoders, projectors and tokenizer."""
+
     backbone: BackboneSection
+    vision: ComponentSection | None = None
+    audio: ComponentSection | None = None
+    projectors: ProjectorSections = field(default_factory=ProjectorSections)
+    tokenizer: str | None = None  # tokenizer.json with the placeholder tokens (required with encoders)
+    max_length: int = 2048  # processor: longest sample in tokens
+    video_frames: int = 8  # frames sampled per video
+
+    @property
+    def is_omni(self) -> bool:
+        return self.vision is not None or self.audio is not None
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
@@ -29,7 +58,28 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> nn.Module:
-    """Build the model a config describes (random init, then its checkpoint if it names one)."""
+    """Build the model a config describes: a backbone alone, or an OmniModel around it (random init)."""
     if not isinstance(config, ModelConfig):
         source, config = str(config), load_model_config(config)
-    return build_backbone(config.backbone.name, config.backbone.config, source=source)
+    if not config.is_omni:
+        return build_backbone(config.backbone.name, config.backbone.config, source=source)
+    from models.omni import OmniConfig, OmniModel
+    if config.tokenizer is None:
+        raise ConfigError(f"{source}: an omni model needs `tokenizer` (a tokenizer.json with the placeholder tokens)")
+    tokenizer = Tokenizer.from_file(config.tokenizer)
+    placeholder_ids = {}
+    for kind, token in PATCH_TOKENS.items():
+        if tokenizer.token_to_id(token) is None:
+            raise ConfigError(f"{source}: tokenizer {config.tokenizer} has no {token} token")
+        placeholder_ids[kind] = tokenizer.token_to_id(token)
+    vocab = config.backbone.config.get("vocab_size")
+    if vocab is not None and tokenizer.get_vocab_size() > vocab:
+        raise ConfigError(f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens but backbone.config."
+                          f"vocab_size is {vocab}")
+    section = lambda s: {"name": s.name, "config": s.config} if s else None  # noqa: E731
+    omni = OmniConfig(backbone={"name": config.backbone.name, "config": config.backbone.config},
+                      vision=section(config.vision), audio=section(config.audio),
+                      vision_projector=config.projectors.vision, audio_projector=config.projectors.audio,
+                      placeholder_ids=placeholder_ids, eos_token_id=tokenizer.token_to_id("<|endoftext|>"),
+                      pad_token_id=tokenizer.token_to_id("<pad>"))
+    return OmniModel(omni)

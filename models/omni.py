@@ -1,0 +1,170 @@
+"""OmniModel: encoders -> projectors -> placeholder scatter -> MoE LLM, assembled from one config.
+
+Module names follow Ming-Lite-Omni (`BailingMMNativeForConditionalGeneration`): `vision` (vision
+tower), `audio` (audio encoder), `linear_proj` / `linear_proj_audio` (projectors) and `model` (the LLM),
+so its checkpoints map onto this model almost key for key (models/ming_checkpoint.py).
+
+Encoder features, projected to the LLM width, replace the placeholder tokens of their kind in the
+embedded sequence (`<imagePatch>`, `<videoPatch>`, `<audioPatch>`); every token carries a modality id
+(0 text, 1 image, 2 audio, 3 video) that Ming-style `multi_gate` routers use to pick their router.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from encoders.audio import AudioInputs
+from models.backbones import build_backbone
+from models.encoders import AUDIO_ENCODERS, VISION_ENCODERS
+from models.projectors import build_projector, conv_output_frames
+
+MEDIA_KWARGS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "audio_features",
+                "audio_chunk_frames", "audio_chunks_per_clip", "audio_frames_per_clip")
+
+
+class OmniConfig(PretrainedConfig):
+    """Components by registry key, each with its own config mapping (as in configs/models/*-omni.yaml)."""
+
+    model_type = "ordmoe_omni"
+
+    def __init__(self, backbone: dict | None = None, vision: dict | None = None, audio: dict | None = None,
+                 vision_projector: dict | None = None, audio_projector: dict | None = None,
+                 placeholder_ids: dict | None = None, **kwargs: Any) -> None:
+        self.backbone = backbone or {}
+        self.vision = vision
+        self.audio = audio
+        self.vision_projector = vision_projector or {"name": "mlp2x_gelu"}
+        self.audio_projector = audio_projector or {"name": "conv_audio", "depth": 2, "kernel_size": 3, "stride": 2}
+        self.placeholder_ids = placeholder_ids or {}  # {"image": id, "video": id, "audio": id} of the patch tokens
+        super().__init__(**kwargs)
+
+
+class OmniModel(PreTrainedModel, GenerationMixin):
+    config_class = OmniConfig
+    base_model_prefix = "omni"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    main_input_name = "input_ids"
+
+    def __init__(self, config: OmniConfig) -> None:
+        super().__init__(config)
+        backbone = config.backbone
+        self.model = build_backbone(backbone["name"], backbone.get("config", {}), source="OmniConfig.backbone")
+        hidden = self.model.config.hidden_size
+        self.vision = self.linear_proj = self.audio = self.linear_proj_audio = None
+        if config.vision:
+            self.vision = VISION_ENCODERS.build(config.vision["name"], config.vision.get("config", {}))
+            options = {k: v for k, v in config.vision_projector.items() if k != "name"}
+            self.linear_proj = build_projector(config.vision_projector["name"], self.vision.output_dim, hidden, **options)
+        if config.audio:
+            self.audio = AUDIO_ENCODERS.build(config.audio["name"], config.audio.get("config", {}))
+            options = {k: v for k, v in config.audio_projector.items() if k != "name"}
+            self.linear_proj_audio = build_projector(config.audio_projector["name"], self.audio.output_dim, hidden,
+                                                     **options)
+        self._llm_takes_modality = "modality_ids" in inspect.signature(self.model.forward).parameters
+        self.post_init()
+
+    # ---- what the processor needs to know -----------------------------------------------------------
+    def audio_tokens(self, encoder_frames: int) -> int:
+        """Placeholder tokens of a clip with `encoder_frames` Whisper frames (after the projector)."""
+        options = self.config.audio_projector
+        if options["name"] != "conv_audio":
+            return encoder_frames
+        return conv_output_frames(encoder_frames, options.get("kernel_size", 3), options.get("stride", 2))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    # ---- embedding with media -------------------------------------------------------------------------
+    def embed_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """`(inputs_embeds, forward kwargs)`: text embeddings with encoder features at the placeholders.
+
+        This is the part every OrdMoE path shares (training/objectives.py computes it once per batch).
+        """
+        input_ids = batch["input_ids"]
+        embeds = self.get_input_embeddings()(input_ids)
+        for kind, features in self._media_features(batch).items():
+            mask = input_ids == self.config.placeholder_ids[kind]
+            if int(mask.sum()) != features.shape[0]:
+                raise ValueError(self._count_mismatch(kind, mask, features, batch))
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+        if self._llm_takes_modality and batch.get("modality_ids") is not None:
+            kwargs["modality_ids"] = batch["modality_ids"]
+        return embeds, kwargs
+
+    def _media_features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {}
+        for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            if batch.get(pixels) is not None:
+                if self.vision is None:
+                    raise ValueError(f"the batch has {kind} inputs but this model has no vision encoder")
+                out[kind] = self.linear_proj(self.vision.encode(batch[pixels], batch[f"{kind}_grid_thw"]))
+        if batch.get("audio_features") is not None:
+            if self.audio is None:
+                raise ValueError("the batch has audio inputs but this model has no audio encoder")
+            inputs = AudioInputs(batch["audio_features"], batch["audio_chunk_frames"],
+                                 batch["audio_chunks_per_clip"].tolist(), batch["audio_frames_per_clip"].tolist())
+            clips = self.audio.encode(inputs)
+            if self.config.audio_projector["name"] == "conv_audio":  # channels-first, one clip at a time
+                out["audio"] = torch.cat([self.linear_proj_audio(c.T.unsqueeze(0))[0].T for c in clips])
+            else:
+                out["audio"] = self.linear_proj_audio(torch.cat(clips))
+        return out
+
+    def _count_mismatch(self, kind: str, mask: torch.Tensor, features: torch.Tensor, batch: dict[str, Any]) -> str:
+        per_sample = mask.sum(dim=-1).tolist()
+        names = batch.get("ids") or list(range(len(per_sample)))
+        detail = ", ".join(f"sample {n}: {c}" for n, c in zip(names, per_sample))
+        return (f"{int(mask.sum())} <{kind}Patch> placeholder tokens but the {kind} encoder gave "
+                f"{features.shape[0]} features ({detail}); the placeholder expansion must come from this model's "
+                f"processor (data/processor.py)")
+
+    # ---- forward / generate ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                modality_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, past_key_values=None, use_cache: bool | None = None,
+                position_ids: torch.LongTensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        media = {k: kwargs.pop(k) for k in MEDIA_KWARGS if k in kwargs}
+        extra = {}
+        if inputs_embeds is None:
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids,
+                     "position_ids": position_ids, **media}
+            if not self._has_placeholders(input_ids):
+                batch = {k: v for k, v in batch.items() if k not in MEDIA_KWARGS}  # later generation steps
+            inputs_embeds, extra = self.embed_inputs(batch)
+        else:
+            extra = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids)) if v is not None}
+            if self._llm_takes_modality and modality_ids is not None:
+                extra["modality_ids"] = modality_ids
+        outputs = self.model(inputs_embeds=inputs_embeds, labels=labels, past_key_values=past_key_values,
+                             use_cache=use_cache, **extra, **kwargs)
+        return CausalLMOutputWithPast(loss=outputs.loss, logits=outputs.logits,
+                                      past_key_values=outputs.past_key_values)
+
+    def _has_placeholders(self, input_ids: torch.Tensor) -> bool:
+        ids = list(self.config.placeholder_ids.values())
+        return bool(ids) and bool(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).any())
+
+    def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration:  # media were consumed by the prompt's forward; the cache holds them now
+            for key in MEDIA_KWARGS:
+                inputs.pop(key, None)
+        return inputs
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Projectors (the encoders and the LLM initialise their own parameters)."""
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
