@@ -108,10 +108,10 @@ class TimmVisionEncoder(nn.Module):
         """`pixel_values` [frames, 3, H, W]; `grid_thw[:, 0]` frames per item (1 for an image)."""
         if self.feature_layer == -1:
             tokens = self.model.forward_features(pixel_values)
-        else:
+            tokens = tokens[:, self.num_prefix_tokens:] if tokens.ndim == 3 else tokens.flatten(2).transpose(1, 2)
+        else:  # timm's intermediates come without prefix tokens
             tokens = self.model.forward_intermediates(pixel_values, indices=[self.feature_layer], output_fmt="NLC",
                                                       intermediates_only=True, norm=False)[0]
-        tokens = tokens[:, self.num_prefix_tokens:] if tokens.ndim == 3 else tokens.flatten(2).transpose(1, 2)
         out = []
         for item in tokens.split(grid_thw[:, 0].tolist()):
             if item.shape[0] > 1:  # a video: pool consecutive frames

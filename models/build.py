@@ -44,7 +44,7 @@ class ModelConfig:
     vision: ComponentSection | None = None
     audio: ComponentSection | None = None
     projectors: ProjectorSections = field(default_factory=ProjectorSections)
-    tokenizer: str | None = None  # tokenizer.json with the placeholder tokens (required with encoders)
+    tokenizer: str | None = None  # tokenizer.json with the placeholder tokens (needed to feed media)
     max_length: int = 2048  # processor: longest sample in tokens
     video_frames: int = 8  # frames sampled per video
 
@@ -64,22 +64,21 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
     if not config.is_omni:
         return build_backbone(config.backbone.name, config.backbone.config, source=source)
     from models.omni import OmniConfig, OmniModel
-    if config.tokenizer is None:
-        raise ConfigError(f"{source}: an omni model needs `tokenizer` (a tokenizer.json with the placeholder tokens)")
-    tokenizer = Tokenizer.from_file(config.tokenizer)
-    placeholder_ids = {}
-    for kind, token in PATCH_TOKENS.items():
-        if tokenizer.token_to_id(token) is None:
-            raise ConfigError(f"{source}: tokenizer {config.tokenizer} has no {token} token")
-        placeholder_ids[kind] = tokenizer.token_to_id(token)
-    vocab = config.backbone.config.get("vocab_size")
-    if vocab is not None and tokenizer.get_vocab_size() > vocab:
-        raise ConfigError(f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens but backbone.config."
-                          f"vocab_size is {vocab}")
+    placeholder_ids, special = {}, {}
+    if config.tokenizer is not None:  # full-size configs may leave it out (e.g. to count parameters)
+        tokenizer = Tokenizer.from_file(config.tokenizer)
+        for kind, token in PATCH_TOKENS.items():
+            if tokenizer.token_to_id(token) is None:
+                raise ConfigError(f"{source}: tokenizer {config.tokenizer} has no {token} token")
+            placeholder_ids[kind] = tokenizer.token_to_id(token)
+        vocab = config.backbone.config.get("vocab_size")
+        if vocab is not None and tokenizer.get_vocab_size() > vocab:
+            raise ConfigError(f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens but "
+                              f"backbone.config.vocab_size is {vocab}")
+        special = {"eos_token_id": tokenizer.token_to_id("<|endoftext|>"), "pad_token_id": tokenizer.token_to_id("<pad>")}
     section = lambda s: {"name": s.name, "config": s.config} if s else None  # noqa: E731
     omni = OmniConfig(backbone={"name": config.backbone.name, "config": config.backbone.config},
                       vision=section(config.vision), audio=section(config.audio),
                       vision_projector=config.projectors.vision, audio_projector=config.projectors.audio,
-                      placeholder_ids=placeholder_ids, eos_token_id=tokenizer.token_to_id("<|endoftext|>"),
-                      pad_token_id=tokenizer.token_to_id("<pad>"))
+                      placeholder_ids=placeholder_ids, **special)
     return OmniModel(omni)

@@ -93,6 +93,8 @@ class OmniModel(PreTrainedModel, GenerationMixin):
         input_ids = batch["input_ids"]
         embeds = self.get_input_embeddings()(input_ids)
         for kind, features in self._media_features(batch).items():
+            if kind not in self.config.placeholder_ids:
+                raise ValueError(f"no placeholder token id for {kind}: build the model with a `tokenizer` in its config")
             mask = input_ids == self.config.placeholder_ids[kind]
             if int(mask.sum()) != features.shape[0]:
                 raise ValueError(self._count_mismatch(kind, mask, features, batch))
