@@ -24,9 +24,6 @@ from models.backbones import build_backbone
 from models.encoders import AUDIO_ENCODERS, VISION_ENCODERS
 from models.projectors import build_projector, conv_output_frames
 
-MEDIA_KWARGS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "audio_features",
-                "audio_chunk_frames", "audio_chunks_per_clip", "audio_frames_per_clip")
-
 
 class OmniConfig(PretrainedConfig):
     """Components by registry key, each with its own config mapping (as in configs/models/*-omni.yaml)."""
@@ -42,6 +39,7 @@ class OmniConfig(PretrainedConfig):
         self.vision_projector = vision_projector or {"name": "mlp2x_gelu"}
         self.audio_projector = audio_projector or {"name": "conv_audio", "depth": 2, "kernel_size": 3, "stride": 2}
         self.placeholder_ids = placeholder_ids or {}  # {"image": id, "video": id, "audio": id} of the patch tokens
+        kwargs.pop("text_config", None)  # a saved copy of the LLM's config; OmniModel sets the live one
         super().__init__(**kwargs)
 
 
@@ -68,6 +66,7 @@ class OmniModel(PreTrainedModel, GenerationMixin):
             self.linear_proj_audio = build_projector(config.audio_projector["name"], self.audio.output_dim, hidden,
                                                      **options)
         self._llm_takes_modality = "modality_ids" in inspect.signature(self.model.forward).parameters
+        config.text_config = self.model.config  # generation sizes its KV cache from the LLM's config
         self.post_init()
 
     # ---- what the processor needs to know -----------------------------------------------------------
@@ -135,14 +134,22 @@ class OmniModel(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 modality_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, past_key_values=None, use_cache: bool | None = None,
-                position_ids: torch.LongTensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        media = {k: kwargs.pop(k) for k in MEDIA_KWARGS if k in kwargs}
-        extra = {}
+                position_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.LongTensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.LongTensor | None = None, audio_features: torch.Tensor | None = None,
+                audio_chunk_frames: torch.LongTensor | None = None,
+                audio_chunks_per_clip: torch.LongTensor | None = None,
+                audio_frames_per_clip: torch.LongTensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Media tensors are those of data/processor.py's `collate`; they are read only while the input
+        still holds placeholder tokens (the prompt), not on later cached generation steps."""
         if inputs_embeds is None:
             batch = {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids,
-                     "position_ids": position_ids, **media}
-            if not self._has_placeholders(input_ids):
-                batch = {k: v for k, v in batch.items() if k not in MEDIA_KWARGS}  # later generation steps
+                     "position_ids": position_ids}
+            if self._has_placeholders(input_ids):
+                batch.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                             audio_features=audio_features, audio_chunk_frames=audio_chunk_frames,
+                             audio_chunks_per_clip=audio_chunks_per_clip, audio_frames_per_clip=audio_frames_per_clip)
             inputs_embeds, extra = self.embed_inputs(batch)
         else:
             extra = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids)) if v is not None}
@@ -156,13 +163,6 @@ class OmniModel(PreTrainedModel, GenerationMixin):
     def _has_placeholders(self, input_ids: torch.Tensor) -> bool:
         ids = list(self.config.placeholder_ids.values())
         return bool(ids) and bool(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).any())
-
-    def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any):
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration:  # media were consumed by the prompt's forward; the cache holds them now
-            for key in MEDIA_KWARGS:
-                inputs.pop(key, None)
-        return inputs
 
     def _init_weights(self, module: nn.Module) -> None:
         """Projectors (the encoders and the LLM initialise their own parameters)."""

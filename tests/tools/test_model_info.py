@@ -35,3 +35,14 @@ def test_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):
     bad.write_text("backbone:\n  name: ling-lite\n  confg: {}\n")
     assert main([str(bad)]) == 2
     assert "unknown key 'backbone.confg'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, llm_total", [("configs/models/ming-lite-omni.yaml", 16.8e9),
+                                               ("configs/models/ling-mini-omni.yaml", 16.25e9)])
+def test_full_size_omni_configs_report_every_component(capsys, config, llm_total):
+    lines = run(capsys, config)
+    components = {line.split()[0] for line in lines[3:-1]}
+    assert components == {"model", "vision", "audio", "linear_proj", "linear_proj_audio"}
+    total, active = params(lines)
+    assert llm_total + 1.3e9 < total < llm_total + 1.5e9  # + Qwen2.5-VL tower, Whisper-large encoder, projectors
+    assert active < total

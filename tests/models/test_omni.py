@@ -1,0 +1,160 @@
+"""The tiny omni model end to end: mixed batches, placeholder scatter, modality routers, save/load, generate."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from data.processor import collate
+from models.checkpoint import to_official
+from models.ming_checkpoint import load_ming_checkpoint
+from models.omni import OmniModel
+from models.routing import TierRouting
+from training.objectives import ObjectiveConfig, build_objective
+
+
+def convo(user, answer):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(processor, photo, speech, video_frames):
+    samples = [
+        {"id": "text", "conversation": convo("What is a tensor?", "An array.")},
+        {"id": "image", "conversation": convo("<image>\nHow many cats?", "2"), "images": [photo]},
+        {"id": "audio", "conversation": convo("<audio>\nTranscribe.", "She had your dark suit."), "audios": [speech]},
+        {"id": "video", "conversation": convo("<video>\nWhat happens?", "Arm wrestling."), "videos": [video_frames]},
+        {"id": "image+audio", "conversation": convo("<image><audio> Match?", "Yes."), "images": [photo],
+         "audios": [speech]},
+    ]
+    return collate([processor(s) for s in samples], processor.pad_id)
+
+
+@pytest.mark.parametrize("objective", ["ntp", "ordmoe"])
+def test_mixed_batch_trains_with_both_objectives(tiny_omni, mixed_batch, objective):
+    model, _ = tiny_omni
+    model.zero_grad()
+    result = build_objective(ObjectiveConfig(name=objective), model)(
+        model, mixed_batch, backward=lambda loss: loss.backward(), step=50)
+    assert torch.isfinite(torch.tensor(result.loss))
+    for component in ("vision", "audio", "linear_proj", "linear_proj_audio", "model"):
+        grads = [p.grad for p in getattr(model, component).parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), component
+    if objective == "ordmoe":
+        assert {"logp_tier1", "logp_tier2", "logp_tier3", "tier_order_agreement"} <= result.parts.keys()
+    model.zero_grad()
+
+
+def test_features_land_exactly_at_the_placeholders(tiny_omni, mixed_batch):
+    model, _ = tiny_omni
+    with torch.no_grad():
+        embeds, _ = model.embed_inputs(mixed_batch)
+        text = model.get_input_embeddings()(mixed_batch["input_ids"])
+        image = model.linear_proj(model.vision.encode(mixed_batch["pixel_values"], mixed_batch["image_grid_thw"]))
+    ids = mixed_batch["input_ids"]
+    for kind in ("image", "video", "audio"):
+        mask = ids == model.config.placeholder_ids[kind]
+        assert mask.any()
+    image_positions = (ids == model.config.placeholder_ids["image"]).nonzero()
+    for row, (b, t) in enumerate(image_positions.tolist()):
+        torch.testing.assert_close(embeds[b, t], image[row])
+    others = ~torch.isin(ids, torch.tensor(list(model.config.placeholder_ids.values())))
+    assert torch.equal(embeds[others], text[others])
+
+
+def test_placeholder_count_mismatch_names_both_counts_and_the_samples(tiny_omni, mixed_batch):
+    model, _ = tiny_omni
+    broken = dict(mixed_batch)
+    ids = broken["input_ids"].clone()
+    first = (ids == model.config.placeholder_ids["image"]).nonzero()[0]
+    ids[first[0], first[1]] = 5  # one image placeholder too few
+    broken["input_ids"] = ids
+    with pytest.raises(ValueError, match=r"placeholder tokens but the image encoder gave (\d+) features.*sample image:"):
+        model.embed_inputs(broken)
+
+
+def test_modality_routers_route_image_and_audio_tokens(tiny_omni, mixed_batch):
+    model, _ = tiny_omni
+    routing = TierRouting.attach(model)
+    gate = routing.routers[0][1]
+    seen = {}
+    handle = gate.register_forward_pre_hook(lambda module, args: seen.update(hidden=args[0], modality=args[1]))
+    with torch.no_grad(), routing.path(1, record=True):
+        model(**{k: v for k, v in mixed_batch.items() if k not in ("labels", "ids")})
+    handle.remove()
+    record = routing.recorded()[0]
+    modality = seen["modality"]
+    assert torch.equal(modality, mixed_batch["modality_ids"].reshape(-1))
+    for kind_id, weight in ((0, gate.weight), (1, gate.image_weight), (2, gate.audio_weight)):
+        rows = modality == kind_id
+        assert rows.any()
+        torch.testing.assert_close(record.logits[rows], seen["hidden"][rows].float() @ weight.float().T)
+
+
+def test_save_pretrained_round_trip_gives_identical_outputs(tiny_omni, mixed_batch, tmp_path):
+    model, _ = tiny_omni
+    inputs = {k: v for k, v in mixed_batch.items() if k not in ("labels", "ids")}
+    model.save_pretrained(tmp_path)
+    loaded = OmniModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+def test_kv_cache_generation_equals_no_cache_generation(tiny_omni, processor, photo, speech):
+    model, _ = tiny_omni
+    prompt = collate([processor({"id": "p", "conversation": [{"role": "user", "content": "<image><audio> Describe."}],
+                                 "images": [photo], "audios": [speech]}, generation=True)], processor.pad_id)
+    inputs = {k: v for k, v in prompt.items() if k not in ("labels", "ids")}
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 6
+    assert torch.equal(cached, uncached)
+
+
+def to_openai_whisper(key):
+    """transformers WhisperEncoder names -> openai-whisper AudioEncoder names (as in Ming checkpoints)."""
+    table = {"self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
+             "self_attn.out_proj": "attn.out", "self_attn_layer_norm": "attn_ln", "fc1": "mlp.0", "fc2": "mlp.2",
+             "final_layer_norm": "mlp_ln"}
+    if key == "embed_positions.weight":
+        return "positional_embedding"
+    if key.startswith("layer_norm."):
+        return key.replace("layer_norm.", "ln_post.", 1)
+    if key.startswith("layers."):
+        _, index, rest = key.split(".", 2)
+        for ours, theirs in table.items():
+            if rest.startswith(ours + "."):
+                return f"blocks.{index}.{theirs}{rest[len(ours):]}"
+    return key
+
+
+def test_ming_lite_omni_checkpoint_layout_loads(tiny_omni, mixed_batch, tmp_path):
+    model, config = tiny_omni
+    tensors = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
+    tensors.update({f"audio.{to_openai_whisper(k)}": v for k, v in model.audio.state_dict().items()})
+    tensors.update({f"linear_proj.{k}": v for k, v in model.linear_proj.state_dict().items()})
+    tensors.update({f"linear_proj_audio.{k}": v for k, v in model.linear_proj_audio.state_dict().items()})
+    tensors.update({f"model.{k}": v for k, v in to_official(model.model).items()})
+    assert any(".experts.3.gate_proj.weight" in k for k in tensors) and any(".image_gate." in k for k in tensors)
+    assert "audio.blocks.0.attn.query.weight" in tensors and "audio.positional_embedding" in tensors
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: tensors[k].contiguous() for k in part}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+
+    from models.build import build_model
+    fresh = build_model(config).eval()
+    load_ming_checkpoint(fresh, tmp_path)
+    inputs = {k: v for k, v in mixed_batch.items() if k not in ("labels", "ids")}
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    save_file({k: tensors[k].contiguous() for k in shards["model-00002-of-00002.safetensors"][1:]},
+              str(tmp_path / "model-00002-of-00002.safetensors"))
+    with pytest.raises(Exception, match="missing|lacks"):
+        load_ming_checkpoint(build_model(config), tmp_path)
