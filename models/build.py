@@ -27,6 +27,7 @@ class BackboneSection:
 class ComponentSection:
     name: str  # a key of VISION_ENCODERS / AUDIO_ENCODERS
     config: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # a Qwen2.5-VL / Whisper checkpoint directory to load after building
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ModelConfig:
     audio: ComponentSection | None = None
     projectors: ProjectorSections = field(default_factory=ProjectorSections)
     tokenizer: str | None = None  # tokenizer.json with the placeholder tokens (needed to feed media)
+    checkpoint: str | None = None  # a whole Ming-Lite-Omni checkpoint directory (omni models)
     max_length: int = 2048  # processor: longest sample in tokens
     video_frames: int = 8  # frames sampled per video
 
@@ -62,7 +64,10 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
     if not isinstance(config, ModelConfig):
         source, config = str(config), load_model_config(config)
     if not config.is_omni:
-        return build_backbone(config.backbone.name, config.backbone.config, source=source)
+        model = build_backbone(config.backbone.name, config.backbone.config, source=source)
+        if config.backbone.checkpoint:
+            load_backbone_checkpoint(model, config.backbone.checkpoint)
+        return model
     from models.omni import OmniConfig, OmniModel
     placeholder_ids, special = {}, {}
     if config.tokenizer is not None:  # full-size configs may leave it out (e.g. to count parameters)
@@ -81,4 +86,33 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
                       vision=section(config.vision), audio=section(config.audio),
                       vision_projector=config.projectors.vision, audio_projector=config.projectors.audio,
                       placeholder_ids=placeholder_ids, **special)
-    return OmniModel(omni)
+    model = OmniModel(omni)
+    load_component_checkpoints(model, config)
+    return model
+
+
+def load_backbone_checkpoint(llm: nn.Module, path: str) -> None:
+    """An official Ling checkpoint (per-expert keys, converted) or a transformers checkpoint (natives), strictly."""
+    from models.checkpoint import CheckpointError
+    from models.ming_checkpoint import load_llm, read_tensors
+    if hasattr(llm, "save_official"):  # our Ling backbones: the official layout
+        load_llm(llm, read_tensors(path), f"{path} (official checkpoint)")
+        return
+    loaded, info = type(llm).from_pretrained(path, config=llm.config, output_loading_info=True, local_files_only=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(f"{path} does not match {type(llm).__name__}: {problems}")
+    llm.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def load_component_checkpoints(model: nn.Module, config: ModelConfig) -> None:
+    """Whole-model (Ming) checkpoint first, then any per-component checkpoint the config names."""
+    from models.ming_checkpoint import load_audio_encoder, load_ming_checkpoint, load_vision_tower
+    if config.checkpoint:
+        load_ming_checkpoint(model, config.checkpoint)
+    if config.vision is not None and config.vision.checkpoint:
+        load_vision_tower(model.vision, config.vision.checkpoint)
+    if config.audio is not None and config.audio.checkpoint:
+        load_audio_encoder(model.audio, config.audio.checkpoint)
+    if config.backbone.checkpoint:
+        load_backbone_checkpoint(model.model, config.backbone.checkpoint)

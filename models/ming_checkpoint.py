@@ -43,7 +43,7 @@ def openai_whisper_to_transformers(key: str) -> str:
     return key
 
 
-def _read(path: str | Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {}
     files = checkpoint_files(path)
     for file in set(files.values()):
@@ -82,12 +82,12 @@ def _under(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], source: 
 
 def load_vision_tower(encoder: nn.Module, path: str | Path) -> None:
     """A Qwen2.5-VL checkpoint directory (transformers layout: `model.visual.*`, older `visual.*`)."""
-    load_strict(encoder, _under(_read(path), ("model.visual.", "visual."), str(path)), f"{path} (vision tower)")
+    load_strict(encoder, _under(read_tensors(path), ("model.visual.", "visual."), str(path)), f"{path} (vision tower)")
 
 
 def load_audio_encoder(encoder: nn.Module, path: str | Path) -> None:
     """A Whisper checkpoint directory (transformers layout: `model.encoder.*`)."""
-    tensors = _under(_read(path), ("model.encoder.", "encoder."), str(path))
+    tensors = _under(read_tensors(path), ("model.encoder.", "encoder."), str(path))
     load_strict(encoder, tensors, f"{path} (Whisper encoder)")
 
 
@@ -99,7 +99,7 @@ def load_llm(llm: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> N
 
 def load_ming_checkpoint(model: nn.Module, path: str | Path) -> None:
     """A whole Ming-Lite-Omni checkpoint directory into an OmniModel built from the ming-lite-omni config."""
-    tensors = _read(path)
+    tensors = read_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         head, _, rest = key.partition(".")
