@@ -2,4 +2,5 @@
 
 Importing the package registers every built-in component (timm style), so config files can name them.
 """
-from models import ling_lite, ling_mini  # noqa: F401  (register backbones)
+from models import ling_lite, ling_mini, native  # noqa: F401  (register backbones)
+from models import encoders, projectors  # noqa: F401  (register encoders and projectors)
