@@ -93,18 +93,24 @@ def routing_probabilities(logits: torch.Tensor, spec: RouterSpec) -> torch.Tenso
     return scores / scores.sum(dim=-1, keepdim=True)
 
 
-def select_tier_experts(scores: torch.Tensor, positions: torch.Tensor, basis: str = "per_token",
+def select_tier_experts(scores: torch.Tensor, positions: tuple[int, ...], basis: str = "per_token",
                         probabilities: torch.Tensor | None = None) -> torch.Tensor:
-    """Experts at rank `positions` (0-based) of each token's descending score order -> [N, |tier|].
+    """Experts at rank `positions` (0-based, ascending) of each token's descending score order -> [N, |tier|].
 
+    Only the part of the ranking the tier reaches is computed: a top-k from whichever end of the
+    ranking is nearer (a full sort of 256 scores per token costs more than the tier's experts save).
     `basis="global"` ranks once for all tokens by their mean routing probability (METHOD.md 2).
     """
+    index = torch.tensor(positions, device=scores.device)
     if basis == "global":
         mean_probability = probabilities.mean(dim=0)
         order = torch.sort(mean_probability, descending=True, stable=True).indices
-        return order[positions].unsqueeze(0).expand(scores.shape[0], -1)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return order[:, positions]
+        return order[index].unsqueeze(0).expand(scores.shape[0], -1)
+    num_experts, first, last = scores.shape[-1], positions[0], positions[-1]
+    if last + 1 <= num_experts - first:  # nearer the top: the highest last+1 scores, in rank order
+        return torch.topk(scores, last + 1, dim=-1).indices[:, index]
+    lowest = torch.topk(scores, num_experts - first, dim=-1, largest=False).indices  # ascending: rank E-1-j
+    return lowest[:, num_experts - 1 - index]
 
 
 def tier_weights(logits: torch.Tensor, indices: torch.Tensor, spec: RouterSpec, router: nn.Module) -> torch.Tensor:
@@ -182,7 +188,6 @@ class TierRouting:
                              f"top-{self.top_k} of {self.num_experts} experts")
         self.plan = plan
         self._scope = plan.layers_in_scope(self.num_moe_layers)
-        self._positions: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -268,7 +273,7 @@ class TierRouting:
     def _route_tokens(self, layer: int, router: nn.Module, logits: torch.Tensor, tier: int, state: RoutingState,
                       token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         spec, plan = self.specs[layer], self.plan
-        positions = self._tier_positions(tier, logits.device)
+        positions = plan.positions[tier - 1]
         with torch.no_grad():  # the selection is discrete; gradients flow through the weights only
             if plan.plan == "random":
                 scores = torch.rand(logits.shape, generator=self._generator(layer, state.step, logits.device),
@@ -282,12 +287,6 @@ class TierRouting:
                     probabilities = probabilities[token_mask]
             indices = select_tier_experts(scores, positions, plan.basis, probabilities)
         return tier_weights(logits, indices, spec, router), indices
-
-    def _tier_positions(self, tier: int, device: torch.device) -> torch.Tensor:
-        key = (tier, device)
-        if key not in self._positions:
-            self._positions[key] = torch.tensor(self.plan.positions[tier - 1], device=device)
-        return self._positions[key]
 
     def _generator(self, layer: int, step: int, device: torch.device) -> torch.Generator:
         seed = (self.plan.seed * 1_000_003 + step) * 1_000_003 + layer
