@@ -1,52 +1,129 @@
-"""The processor on real media: chat template, placeholder expansion, labels, truncation, errors."""
+"""The processor on real media with the tiny encoders: chat template, exact labels, placeholder expansion that
+matches the encoders' real output sizes, truncation, errors, collation."""
 import pytest
 import torch
 
-from data.processor import IGNORE_INDEX, OmniProcessor, ProcessorError, collate
+from data.media import load_image
+from data.processor import IGNORE_INDEX, OmniProcessor, ProcessorError
+from data.tokenizer import TINY_TOKENIZER
+from encoders.audio import AudioInputs
+from models.encoders import AUDIO_ENCODERS, VISION_ENCODERS, build_video_encoder
+from models.projectors import build_projector
+
+VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 48,
+          "fullatt_block_indexes": [1], "min_pixels": 3136, "max_pixels": 12544}
+AUDIO = {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64}
 
 
-def convo(user, answer="Two cats."):
-    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user},
-            {"role": "assistant", "content": answer}]
+@pytest.fixture(scope="module")
+def encoders():
+    torch.manual_seed(0)
+    vision = VISION_ENCODERS.build("qwen2_5_vl", VISION).eval()
+    audio = AUDIO_ENCODERS.build("whisper", AUDIO).eval()
+    return vision, build_video_encoder(vision, {"temporal_pool": 2}), audio, build_projector("conv_audio", 32, 64)
 
 
-def test_only_assistant_tokens_are_supervised(processor):
-    example = processor({"id": "s", "conversation": convo("How many cats?")})
-    ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
-    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-    answer = processor.tokenizer.encode("Two cats.", add_special_tokens=False).ids + [processor.end_of_turn]
-    assert [ids[i] for i in supervised] == answer
-    assert supervised == list(range(len(ids) - len(answer), len(ids)))  # the answer closes the sequence
-    assert [labels[i] for i in supervised] == answer
+def make_processor(encoders, **options):
+    vision, video, audio, projector = encoders
+    return OmniProcessor(TINY_TOKENIZER, image=vision.preprocessor(), video=video, audio=audio.preprocessor(),
+                         audio_tokens=projector.num_tokens, **options)
 
 
-def test_image_marker_expands_to_the_encoders_token_count(processor, photo):
-    example = processor({"id": "img", "conversation": convo("<image>\nHow many cats?"), "images": [photo]})
-    start, patch, end = processor.token_ids["image"]
-    ids = example["input_ids"]
-    count = int((ids == patch).sum())
-    assert count == int(example["image_grid_thw"].prod(-1).sum() // 4)
-    first = int((ids == start).nonzero())
-    assert ids[first + 1: first + 1 + count].eq(patch).all() and ids[first + 1 + count] == end
-    assert example["modality_ids"][ids == patch].eq(1).all() and example["modality_ids"][ids != patch].eq(0).all()
+@pytest.fixture(scope="module")
+def processor(encoders):
+    return make_processor(encoders, max_length=4096)
 
 
-def test_audio_and_video_markers(processor, speech, video_frames):
-    example = processor({"id": "av", "conversation": convo("<video> and <audio>: what happens?"),
-                         "videos": [video_frames], "audios": [speech]})
+def encode(processor, text):
+    return processor.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def spans(ids, start, patch, end):
+    """(position of the start token, patch count) of every span; checks each span is start, patches, end."""
+    out = []
+    for position in (ids == start).nonzero().flatten().tolist():
+        count = 0
+        while ids[position + 1 + count] == patch:
+            count += 1
+        assert ids[position + 1 + count] == end
+        out.append((position, count))
+    assert sum(c for _, c in out) == int((ids == patch).sum())
+    return out
+
+
+def test_only_assistant_turns_are_supervised_at_their_exact_positions(processor):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How many cats?"},
+                    {"role": "assistant", "content": "Two cats."}, {"role": "user", "content": "And dogs?"},
+                    {"role": "assistant", "content": "None."}]
+    example = processor({"id": "s", "conversation": conversation})
+    eos = processor.tokenizer.token_to_id("<|endoftext|>")
+    pieces = [("<role>SYSTEM</role>", False), ("Be brief.", False), ("<role>HUMAN</role>", False),
+              ("How many cats?", False), ("<role>ASSISTANT</role>", False), ("Two cats.", True), (None, True),
+              ("<role>HUMAN</role>", False), ("And dogs?", False), ("<role>ASSISTANT</role>", False),
+              ("None.", True), (None, True)]
+    ids, labels = [], []
+    for text, supervised in pieces:
+        piece = [eos] if text is None else encode(processor, text)
+        ids += piece
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+    assert example["input_ids"].tolist() == ids
+    assert example["labels"].tolist() == labels
+    assert example["modality_ids"].eq(0).all()
+    assert processor.tokenizer.decode(example["input_ids"].tolist(), skip_special_tokens=False).startswith(
+        "<role>SYSTEM</role>Be brief.<role>HUMAN</role>How many cats?<role>ASSISTANT</role>Two cats.<|endoftext|>")
+
+
+def test_markers_expand_to_the_encoders_real_output_sizes(processor, encoders, assets):
+    vision, video, audio, projector = encoders
+    sample = {"id": "omni", "conversation": [
+        {"role": "user", "content": "<image> and <image>, then <video>; listen: <audio> <audio>"},
+        {"role": "assistant", "content": "Cats, a chart, a pancake, two speakers."}],
+        "images": [assets / "coco_000000039769.png", load_image(assets / "mathvista_testmini_pid106.png")],
+        "videos": [assets / "flipping_a_pancake.mkv"],
+        "audios": [assets / "jfk.flac", (assets / "LDC93S1.wav").read_bytes()]}
+    example = processor(sample)
     ids, modality = example["input_ids"], example["modality_ids"]
-    video_patch, audio_patch = processor.token_ids["video"][1], processor.token_ids["audio"][1]
-    assert int((ids == video_patch).sum()) == int(example["video_grid_thw"].prod(-1).sum() // 4)
+    with torch.no_grad():
+        images = vision(example["pixel_values"], example["image_grid_thw"])
+        videos = video(example["pixel_values_videos"], example["video_grid_thw"])
+        clips = audio(AudioInputs(example["audio_features"], example["audio_chunk_frames"],
+                                  example["audio_chunks_per_clip"].tolist(), example["audio_frames_per_clip"].tolist()))
+        audio_tokens = [projector.project(clip).shape[0] for clip in clips]
+    image_spans = spans(ids, *processor.token_ids["image"])
+    assert [c for _, c in image_spans] == vision.num_tokens(example["image_grid_thw"])
+    assert sum(c for _, c in image_spans) == images.shape[0]
+    assert [c for _, c in spans(ids, *processor.token_ids["video"])] == [videos.shape[0]]
+    assert [c for _, c in spans(ids, *processor.token_ids["audio"])] == audio_tokens
+    assert len(example["audio_chunks_per_clip"]) == 2
+    for kind, number in (("image", 1), ("audio", 2), ("video", 3)):
+        start, patch, end = processor.token_ids[kind]
+        assert modality[ids == patch].eq(number).all()
+        assert modality[(ids == start) | (ids == end)].eq(0).all()
+    assert (example["labels"][ids == processor.token_ids["image"][1]] == IGNORE_INDEX).all()
+
+
+def test_video_audio_track_follows_its_video_span(encoders, assets):
+    processor = make_processor(encoders, video_audio=True, num_frames=4)
+    example = processor({"id": "va", "conversation": [{"role": "user", "content": "<video> What is cooking?"},
+                                                      {"role": "assistant", "content": "A pancake."}],
+                         "videos": [assets / "flipping_a_pancake.mkv"]})
+    ids = example["input_ids"].tolist()
+    video_end, audio_start = processor.token_ids["video"][2], processor.token_ids["audio"][0]
+    assert ids[ids.index(video_end) + 1] == audio_start
     frames = int(example["audio_frames_per_clip"][0])
-    assert int((ids == audio_patch).sum()) == (frames - 1) // 2 + 1  # conv_audio: kernel 3, stride 2
-    assert modality[ids == video_patch].eq(3).all() and modality[ids == audio_patch].eq(2).all()
+    assert ids.count(processor.token_ids["audio"][1]) == (frames - 1) // 2 + 1  # conv_audio: kernel 3, stride 2
 
 
-def test_marker_and_media_counts_must_agree(processor, photo):
-    with pytest.raises(ProcessorError, match=r"sample two: the conversation has 2 <image> marker\(s\) but the sample carries 1"):
-        processor({"id": "two", "conversation": convo("<image><image> Same?"), "images": [photo]})
-    with pytest.raises(ProcessorError, match="0 <image> marker"):
-        processor({"id": "unused", "conversation": convo("Hi"), "images": [photo]})
+def test_marker_and_media_counts_must_agree(processor, assets):
+    photo = assets / "coco_000000039769.png"
+    with pytest.raises(ProcessorError, match=r"sample two: the conversation has 2 <image> marker\(s\) but the sample "
+                                             r"carries 1 image\(s\) in `images`"):
+        processor({"id": "two", "conversation": [{"role": "user", "content": "<image><image> Same?"},
+                                                 {"role": "assistant", "content": "Yes."}], "images": [photo]})
+    with pytest.raises(ProcessorError, match=r"sample unused: the conversation has 0 <audio> marker\(s\) but the "
+                                             r"sample carries 1 audio"):
+        processor({"id": "unused", "conversation": [{"role": "user", "content": "Hi"},
+                                                    {"role": "assistant", "content": "Hello."}], "audios": [photo]})
 
 
 def test_no_assistant_turn_is_for_inference_only(processor):
@@ -54,42 +131,75 @@ def test_no_assistant_turn_is_for_inference_only(processor):
     with pytest.raises(ProcessorError, match="sample q: no assistant turn"):
         processor(sample)
     prompt = processor(sample, generation=True)
-    suffix = processor.tokenizer.encode("<role>ASSISTANT</role>", add_special_tokens=False).ids
-    assert prompt["input_ids"].tolist()[-len(suffix):] == suffix
+    expected = (encode(processor, "<role>HUMAN</role>") + encode(processor, "What is a tensor?")
+                + encode(processor, "<role>ASSISTANT</role>"))
+    assert prompt["input_ids"].tolist() == expected
     assert (prompt["labels"] == IGNORE_INDEX).all()
 
 
-def test_truncation_drops_whole_turns_never_a_placeholder_span(tiny_omni, photo):
-    model, config = tiny_omni
-    conversation = convo("<image> Describe.", "A cat.") + [{"role": "user", "content": "And then? " * 40},
-                                                           {"role": "assistant", "content": "More. " * 40}]
-    full = OmniProcessor.for_model(model, config.tokenizer, 4096)({"id": "t", "conversation": conversation,
-                                                                     "images": [photo]})
-    limit = len(full["input_ids"]) - 10
-    short = OmniProcessor.for_model(model, config.tokenizer, limit)({"id": "t", "conversation": conversation,
-                                                                       "images": [photo]})
-    patch = short["input_ids"] == OmniProcessor.for_model(model, config.tokenizer).token_ids["image"][1]
-    assert int(patch.sum()) == int((full["input_ids"] == OmniProcessor.for_model(model, config.tokenizer)
-                                    .token_ids["image"][1]).sum())
-    assert len(short["input_ids"]) < limit and (short["labels"] != IGNORE_INDEX).any()
-    with pytest.raises(ProcessorError, match="longer than max_length=20"):
-        OmniProcessor.for_model(model, config.tokenizer, 20)({"id": "t", "conversation": conversation,
-                                                               "images": [photo]})
+def test_truncation_drops_whole_turns_with_their_media(encoders, assets):
+    photo = assets / "coco_000000039769.png"
+    conversation = [{"role": "user", "content": "<image> Describe."}, {"role": "assistant", "content": "A cat."},
+                    {"role": "user", "content": "And this one? <image> " + "Look closely. " * 30},
+                    {"role": "assistant", "content": "Another cat. " * 30}]
+    sample = {"id": "t", "conversation": conversation, "images": [photo, photo]}
+    full = make_processor(encoders, max_length=4096)(sample)
+    patch = encoders[0].num_tokens(full["image_grid_thw"])[0]
+    first_exchange = int(torch.nonzero(full["input_ids"] == 1)[0]) + 1  # up to the first <|endoftext|>
+    for limit in (len(full["input_ids"]) - 1, first_exchange):
+        short = make_processor(encoders, max_length=limit)(sample)
+        assert len(short["input_ids"]) == first_exchange
+        assert [c for _, c in spans(short["input_ids"], *make_processor(encoders).token_ids["image"])] == [patch]
+        assert short["image_grid_thw"].shape[0] == 1 and short["pixel_values"].shape[0] == patch * 4
+        assert short["input_ids"][-1] == 1 and short["labels"][-1] == 1
+    with pytest.raises(ProcessorError, match=rf"sample t: {len(full['input_ids'])} tokens, longer than "
+                                             rf"max_length={first_exchange - 1}"):
+        make_processor(encoders, max_length=first_exchange - 1)(sample)
+    with pytest.raises(ProcessorError, match="sample t: the prompt has .* a prompt is not truncated"):
+        make_processor(encoders, max_length=first_exchange)(sample, generation=True)
 
 
-def test_unknown_role_names_the_sample(processor):
-    with pytest.raises(ProcessorError, match="sample r: unknown role 'bot'"):
+def test_bad_samples_name_the_sample_and_the_problem(processor, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ProcessorError, match=r"sample e: image 0: .*empty\.png: empty file"):
+        processor({"id": "e", "conversation": [{"role": "user", "content": "<image>"},
+                                               {"role": "assistant", "content": "?"}],
+                   "images": [tmp_path / "empty.png"]})
+    with pytest.raises(ProcessorError, match=r"sample r: turn 0 must be .*'bot'"):
         processor({"id": "r", "conversation": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    text_only = OmniProcessor(TINY_TOKENIZER)
+    with pytest.raises(ProcessorError, match="sample a has audio input but the processor has no audio encoder"):
+        text_only({"id": "a", "conversation": [{"role": "user", "content": "<audio>"},
+                                               {"role": "assistant", "content": "?"}], "audios": [b"x"]})
 
 
-def test_collate_pads_and_concatenates_media(processor, photo, speech):
-    examples = [processor({"id": "a", "conversation": convo("<image> Cats?"), "images": [photo]}),
-                processor({"id": "b", "conversation": convo("Hi")}),
-                processor({"id": "c", "conversation": convo("<audio> Said?"), "audios": [speech]})]
-    batch = collate(examples, processor.pad_id)
-    length = max(len(e["input_ids"]) for e in examples)
-    assert batch["input_ids"].shape == (3, length) and batch["ids"] == ["a", "b", "c"]
-    assert batch["attention_mask"].sum(-1).tolist() == [len(e["input_ids"]) for e in examples]
-    assert (batch["labels"][1, len(examples[1]["input_ids"]):] == IGNORE_INDEX).all()
-    assert torch.equal(batch["pixel_values"], examples[0]["pixel_values"])
-    assert batch["audio_features"].shape[0] == 1
+def test_ling2_template_closes_every_turn(encoders):
+    processor = make_processor(encoders, template="ling2")
+    example = processor({"id": "l", "conversation": [{"role": "user", "content": "Hi"},
+                                                     {"role": "assistant", "content": "Hello."}]})
+    role_end = processor.tokenizer.token_to_id("<|role_end|>")
+    ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
+    assert ids.count(role_end) == 2 and ids[-1] == role_end == labels[-1] == processor.eos_id
+    assert labels[ids.index(role_end)] == IGNORE_INDEX  # the user turn's closer is not supervised
+
+
+def test_collate_pads_either_side_and_concatenates_media_in_order(processor, assets):
+    photo, other = assets / "coco_000000039769.png", assets / "ai2d_00002168.png"
+    examples = [processor({"id": "a", "conversation": [{"role": "user", "content": "<image> Cats?"},
+                                                       {"role": "assistant", "content": "Two."}], "images": [photo]}),
+                processor({"id": "b", "conversation": [{"role": "user", "content": "Hi"},
+                                                       {"role": "assistant", "content": "Hello there."}]}),
+                processor({"id": "c", "conversation": [{"role": "user", "content": "<image> What?"},
+                                                       {"role": "assistant", "content": "A diagram."}],
+                           "images": [other]})]
+    lengths = [len(e["input_ids"]) for e in examples]
+    right, left = processor.collate(examples), processor.collate(examples, padding_side="left")
+    assert right["input_ids"].shape == left["input_ids"].shape == (3, max(lengths)) and right["ids"] == ["a", "b", "c"]
+    assert right["attention_mask"].sum(-1).tolist() == lengths == left["attention_mask"].sum(-1).tolist()
+    short = 1
+    assert torch.equal(right["input_ids"][short, :lengths[short]], examples[short]["input_ids"])
+    assert (right["input_ids"][short, lengths[short]:] == processor.pad_id).all()
+    assert (right["labels"][short, lengths[short]:] == IGNORE_INDEX).all()
+    assert torch.equal(left["input_ids"][short, -lengths[short]:], examples[short]["input_ids"])
+    assert torch.equal(right["pixel_values"], torch.cat([examples[0]["pixel_values"], examples[2]["pixel_values"]]))
+    assert torch.equal(right["image_grid_thw"], torch.cat([examples[0]["image_grid_thw"], examples[2]["image_grid_thw"]]))
