@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from data.media import MediaError, VideoClip, load_audio, load_image, load_video
 from data.tokenizer import EOS_TOKEN, MEDIA_TOKENS, PAD_TOKEN, check_special_tokens, load_tokenizer
+from encoders.video import VideoEncoder
 
 IGNORE_INDEX = -100
 MODALITY_IDS = {"text": 0, "image": 1, "audio": 2, "video": 3}
@@ -99,6 +100,7 @@ class OmniProcessor:
         self.audio_tokens = audio_tokens or (lambda frames: frames)
         self.max_length, self.num_frames, self.video_audio = max_length, num_frames, video_audio
         self.token_ids = {kind: tuple(tokenizer.token_to_id(t) for t in span) for kind, span in MEDIA_TOKENS.items()}
+        self.reserved_ids = {t for span in self.token_ids.values() for t in span}  # only the processor writes them
         self.pad_id = tokenizer.token_to_id(PAD_TOKEN)
         self.eos_id = tokenizer.token_to_id(template.end_of_answer or EOS_TOKEN)
 
@@ -108,8 +110,6 @@ class OmniProcessor:
                   temporal_pool: int = 1) -> "OmniProcessor":
         """The processor matching an OmniModel (attributes `vision`, `audio`, optional `video`, and
         `linear_proj_audio` or `audio_tokens`): its encoders' preprocessing and its projector's token counts."""
-        from encoders.video import VideoEncoder
-
         vision = getattr(model, "vision", None)
         audio = getattr(model, "audio", None)
         video = getattr(model, "video", None)
@@ -188,6 +188,10 @@ class OmniProcessor:
                 continue
             if not MARKER.fullmatch(part):
                 piece = self._encode(part)
+                if self.reserved_ids.intersection(piece):  # a stray <imagePatch> would break the feature scatter
+                    raise ProcessorError(f"sample {name}: the {role} text contains placeholder tokens "
+                                         f"({', '.join(t for span in MEDIA_TOKENS.values() for t in span)} are "
+                                         f"reserved; write <image>, <video>, <audio> markers only)")
                 ids.extend(piece)
                 labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
                 modality.extend([0] * len(piece))
@@ -198,6 +202,8 @@ class OmniProcessor:
             try:
                 for span_kind, item_inputs, count in self._preprocess(kind, media[kind][index], name, index):
                     add_span(span_kind, item_inputs, count)
+            except ProcessorError:
+                raise
             except (MediaError, TypeError, ValueError) as err:
                 raise ProcessorError(f"sample {name}: {kind} {index}: {err}") from None
         closer = self.template.end_of_answer if supervised else self.template.end_of_turn

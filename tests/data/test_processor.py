@@ -167,6 +167,9 @@ def test_bad_samples_name_the_sample_and_the_problem(processor, tmp_path):
                    "images": [tmp_path / "empty.png"]})
     with pytest.raises(ProcessorError, match=r"sample r: turn 0 must be .*'bot'"):
         processor({"id": "r", "conversation": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    with pytest.raises(ProcessorError, match="sample p: the user text contains placeholder tokens"):
+        processor({"id": "p", "conversation": [{"role": "user", "content": "a <imagePatch> b"},
+                                               {"role": "assistant", "content": "?"}]})
     text_only = OmniProcessor(TINY_TOKENIZER)
     with pytest.raises(ProcessorError, match="sample a has audio input but the processor has no audio encoder"):
         text_only({"id": "a", "conversation": [{"role": "user", "content": "<audio>"},

@@ -121,3 +121,14 @@ def test_config_sections_are_typed_and_freeze_works():
         VISION_ENCODERS.build("timm", {})
     with pytest.raises(KeyError, match="Known vision encoders: qwen2_5_vl, timm"):
         VISION_ENCODERS.build("clip", {})
+
+
+def test_a_siglip_vit_without_class_token(photos):
+    config = {"model_name": "vit_base_patch16_siglip_224", "feature_layer": -2,
+              "model_kwargs": {"depth": 3, "embed_dim": 32, "num_heads": 2}}  # SigLIP's layout, tiny
+    encoder = VISION_ENCODERS.build("timm", config).eval()
+    assert encoder.num_prefix_tokens == 0 and encoder.output_dim == 32
+    inputs = encoder.preprocessor().images(photos[:1])
+    assert inputs.pixel_values.shape == (1, 3, 224, 224) and inputs.num_tokens == [196]
+    with torch.no_grad():
+        assert encoder(inputs.pixel_values, inputs.grid_thw).shape == (196, 32)
