@@ -7,18 +7,11 @@ continues with the next unseen chunk.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-# Modules whose documentation makes the offline corpus: English technical prose, present wherever
-# this repository runs (Python's standard library and PyTorch, under the PSF and BSD licences).
-CORPUS_MODULES = ("argparse", "collections", "inspect", "json", "pathlib", "typing", "unittest", "torch",
-                  "torch.nn", "torch.nn.functional", "torch.optim")
-SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<pad>")
+from tokenizers import Tokenizer
 
 
 class TextChunks:
@@ -89,33 +82,3 @@ class ChunkBatches:
             raise ValueError(f"data seed changed since the checkpoint ({state['seed']} -> {self.seed}): "
                              f"resuming would replay a different order")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-def build_docstring_corpus(out_dir: str | Path, vocab_size: int = 2048, modules: tuple[str, ...] = CORPUS_MODULES,
-                           special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> tuple[Path, Path]:
-    """Write `corpus.txt` (one docstring per paragraph) and a byte-level BPE `tokenizer.json` trained on it.
-
-    Deterministic for a given Python/PyTorch install; takes a few seconds. Returns both paths.
-    """
-    import importlib
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    docs: dict[str, None] = {}
-    for name in modules:
-        module = importlib.import_module(name)
-        for _, obj in sorted(inspect.getmembers(module), key=lambda item: item[0]):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 200:
-                docs[doc] = None
-    corpus = out / "corpus.txt"
-    corpus.write_text("\n\n".join(docs), encoding="utf-8")
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train([str(corpus)], trainer)
-    tokenizer.save(str(out / "tokenizer.json"))
-    return corpus, out / "tokenizer.json"
-

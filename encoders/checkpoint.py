@@ -18,29 +18,29 @@ from torch import nn
 SHOWN = 8  # keys listed in an error before "..."
 
 
-class EncoderCheckpointError(ValueError):
-    """A checkpoint does not fit an encoder; the message names the directory and the offending keys."""
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the module it is loaded into; the message names the directory and the keys."""
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
     """The weight files of a checkpoint directory (single file or index of shards)."""
     path = Path(path)
     if not path.is_dir():
-        raise EncoderCheckpointError(f"checkpoint directory not found: {path}")
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
-            raise EncoderCheckpointError(f"{index}: not a safetensors index ({err})") from None
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
         files = [path / name for name in sorted(set(weight_map.values()))]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
-            raise EncoderCheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(absent)}")
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(absent)}")
         return files
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
-    raise EncoderCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
 def read_prefixed(path: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -59,19 +59,19 @@ def read_prefixed(path: str | Path, prefixes: tuple[str, ...]) -> dict[str, torc
                     tensors.update({k[len(prefix):]: handle.get_tensor(k) for k, f in chosen.items() if f == file})
             return tensors
     sample = ", ".join(sorted(keys)[:SHOWN])
-    raise EncoderCheckpointError(f"{path}: no keys under {' or '.join(map(repr, prefixes))} (it has e.g. {sample})")
+    raise CheckpointError(f"{path}: no keys under {' or '.join(map(repr, prefixes))} (it has e.g. {sample})")
 
 
 def read_config(path: str | Path, section: str | None = None) -> dict[str, Any]:
     """`config.json` of a checkpoint directory, or one section of it (e.g. `vision_config`)."""
     file = Path(path) / "config.json"
     if not file.is_file():
-        raise EncoderCheckpointError(f"{path}: no config.json")
+        raise CheckpointError(f"{path}: no config.json")
     config = json.loads(file.read_text())
     if section is None:
         return config
     if section not in config:
-        raise EncoderCheckpointError(f"{file} has no `{section}` (keys: {', '.join(sorted(config))})")
+        raise CheckpointError(f"{file} has no `{section}` (keys: {', '.join(sorted(config))})")
     return config[section]
 
 
@@ -80,7 +80,7 @@ def check_fields(expected: dict[str, Any], found: dict[str, Any], fields: tuple[
     differ = [f"{name}: checkpoint {found[name]!r} vs encoder {expected[name]!r}"
               for name in fields if name in found and name in expected and found[name] != expected[name]]
     if differ:
-        raise EncoderCheckpointError(f"{source} describes another architecture: {'; '.join(differ)}")
+        raise CheckpointError(f"{source} describes another architecture: {'; '.join(differ)}")
 
 
 def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -95,5 +95,5 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str
         for label, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
             if items:
                 parts.append(f"{label}: {', '.join(items[:SHOWN])}" + (" ..." if len(items) > SHOWN else ""))
-        raise EncoderCheckpointError("\n".join(parts))
+        raise CheckpointError("\n".join(parts))
     module.load_state_dict(tensors, strict=True)

@@ -25,7 +25,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-from encoders.checkpoint import EncoderCheckpointError, check_fields, load_strict, read_config, read_prefixed
+from encoders.checkpoint import CheckpointError, check_fields, load_strict, read_config, read_prefixed
 
 # Qwen2.5-VL vision-config fields that decide parameter shapes or the token layout.
 QWEN_ARCHITECTURE_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
@@ -135,7 +135,7 @@ class TimmVisionEncoder(nn.Module):
 
     def load_checkpoint(self, path: str | Path) -> None:
         if not Path(path).is_file():
-            raise EncoderCheckpointError(f"timm checkpoint file not found: {path}")
+            raise CheckpointError(f"timm checkpoint file not found: {path}")
         state = timm.models.load_state_dict(str(path), weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         load_strict(self.model, state, f"{path} (timm {self.model_name})")

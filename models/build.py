@@ -2,7 +2,7 @@
 are loaded into it afterwards (never the reverse)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from models.backbones import build_backbone
 from models.config import ConfigError, from_dict, read_yaml
+from models.encoders import VideoSection
 
 # The placeholder token each modality's features replace (data/tokenizer.py defines the full spans).
 PATCH_TOKENS = {"image": "<imagePatch>", "video": "<videoPatch>", "audio": "<audioPatch>"}
@@ -47,8 +48,8 @@ class ModelConfig:
     projectors: ProjectorSections = field(default_factory=ProjectorSections)
     tokenizer: str | None = None  # tokenizer.json with the placeholder tokens (needed to feed media)
     checkpoint: str | None = None  # a whole Ming-Lite-Omni checkpoint directory (omni models)
+    video: VideoSection = field(default_factory=VideoSection)  # frames per clip, temporal pooling
     max_length: int = 2048  # processor: longest sample in tokens
-    video_frames: int = 8  # frames sampled per video
 
     @property
     def is_omni(self) -> bool:
@@ -83,7 +84,7 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
         special = {"eos_token_id": tokenizer.token_to_id("<|endoftext|>"), "pad_token_id": tokenizer.token_to_id("<pad>")}
     section = lambda s: {"name": s.name, "config": s.config} if s else None  # noqa: E731
     omni = OmniConfig(backbone={"name": config.backbone.name, "config": config.backbone.config},
-                      vision=section(config.vision), audio=section(config.audio),
+                      vision=section(config.vision), audio=section(config.audio), video=asdict(config.video),
                       vision_projector=config.projectors.vision, audio_projector=config.projectors.audio,
                       placeholder_ids=placeholder_ids, **special)
     model = OmniModel(omni)
@@ -94,9 +95,10 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
 def load_backbone_checkpoint(llm: nn.Module, path: str) -> None:
     """An official Ling checkpoint (per-expert keys, converted) or a transformers checkpoint (natives), strictly."""
     from models.checkpoint import CheckpointError
-    from models.ming_checkpoint import load_llm, read_tensors
+    from encoders.checkpoint import read_prefixed
+    from models.ming_checkpoint import load_llm
     if hasattr(llm, "save_official"):  # our Ling backbones: the official layout
-        load_llm(llm, read_tensors(path), f"{path} (official checkpoint)")
+        load_llm(llm, read_prefixed(path, ("",)), f"{path} (official checkpoint)")
         return
     loaded, info = type(llm).from_pretrained(path, config=llm.config, output_loading_info=True, local_files_only=True)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -107,12 +109,12 @@ def load_backbone_checkpoint(llm: nn.Module, path: str) -> None:
 
 def load_component_checkpoints(model: nn.Module, config: ModelConfig) -> None:
     """Whole-model (Ming) checkpoint first, then any per-component checkpoint the config names."""
-    from models.ming_checkpoint import load_audio_encoder, load_ming_checkpoint, load_vision_tower
+    from models.ming_checkpoint import load_ming_checkpoint
     if config.checkpoint:
         load_ming_checkpoint(model, config.checkpoint)
     if config.vision is not None and config.vision.checkpoint:
-        load_vision_tower(model.vision, config.vision.checkpoint)
+        model.vision.load_checkpoint(config.vision.checkpoint)
     if config.audio is not None and config.audio.checkpoint:
-        load_audio_encoder(model.audio, config.audio.checkpoint)
+        model.audio.load_checkpoint(config.audio.checkpoint)
     if config.backbone.checkpoint:
         load_backbone_checkpoint(model.model, config.backbone.checkpoint)

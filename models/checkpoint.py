@@ -27,6 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from encoders.checkpoint import CheckpointError  # one error type for every checkpoint
+
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,10 +39,6 @@ SHOWN = 8  # offending keys listed in an error
 _EXPERTS = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<kind>gate_up_proj|down_proj)$")
 _MODALITY_GATE = re.compile(r"^(?P<block>.+\.mlp)\.gate\.(?P<modality>image|audio)_weight$")
 _OFFICIAL_EXPERT = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(ValueError):
-    """An official checkpoint does not match the model its config describes."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,8 +5,7 @@
   openai-whisper `AudioEncoder`: renamed to transformers' WhisperEncoder names), `linear_proj.*`,
   `linear_proj_audio.*` (same layouts as our projectors) and `model.*` (Ling-lite: per-expert keys and
   `image_gate`/`audio_gate`, converted by models/checkpoint.py).
-- `load_vision_tower` / `load_audio_encoder` / `load_llm`: a Qwen2.5-VL checkpoint's vision part, a
-  Whisper checkpoint's encoder, an official Ling checkpoint.
+- `load_llm`: official Ling keys into the LLM (encoders load their own checkpoints: `load_checkpoint`).
 
 Every load is strict: missing, unexpected or mis-shaped keys raise CheckpointError listing them.
 """
@@ -18,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.checkpoint import SHOWN, CheckpointError, checkpoint_files, from_official, validate
-from safetensors import safe_open
+from encoders.checkpoint import load_strict, read_prefixed
+from models.checkpoint import CheckpointError, from_official, validate
 
 # openai-whisper AudioEncoder names -> transformers WhisperEncoder names
 _WHISPER_RENAMES = [
@@ -43,54 +42,6 @@ def openai_whisper_to_transformers(key: str) -> str:
     return key
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    files = checkpoint_files(path)
-    for file in set(files.values()):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
-
-
-def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into `module`; any missing, unexpected or mis-shaped key is an error (listed)."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = sorted(k for k in tensors if k not in expected)
-    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{source} does not match {type(module).__name__}:"]
-        if shapes:
-            parts.append(f"shape mismatches: {'; '.join(shapes[:SHOWN])}")
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:SHOWN])}" + (" ..." if len(missing) > SHOWN else ""))
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:SHOWN])}" + (" ..." if len(unexpected) > SHOWN else ""))
-        raise CheckpointError("\n".join(parts))
-    module.load_state_dict(tensors, strict=True)
-
-
-def _under(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], source: str) -> dict[str, torch.Tensor]:
-    for prefix in prefixes:
-        found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if found:
-            return found
-    raise CheckpointError(f"{source}: no keys under {' or '.join(map(repr, prefixes))}")
-
-
-def load_vision_tower(encoder: nn.Module, path: str | Path) -> None:
-    """A Qwen2.5-VL checkpoint directory (transformers layout: `model.visual.*`, older `visual.*`)."""
-    load_strict(encoder, _under(read_tensors(path), ("model.visual.", "visual."), str(path)), f"{path} (vision tower)")
-
-
-def load_audio_encoder(encoder: nn.Module, path: str | Path) -> None:
-    """A Whisper checkpoint directory (transformers layout: `model.encoder.*`)."""
-    tensors = _under(read_tensors(path), ("model.encoder.", "encoder."), str(path))
-    load_strict(encoder, tensors, f"{path} (Whisper encoder)")
-
-
 def load_llm(llm: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Official Ling keys (per-expert, `image_gate`/`audio_gate`) into our Ling module, strictly."""
     validate(llm, {k: tuple(v.shape) for k, v in tensors.items()}, source=source)
@@ -99,7 +50,7 @@ def load_llm(llm: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> N
 
 def load_ming_checkpoint(model: nn.Module, path: str | Path) -> None:
     """A whole Ming-Lite-Omni checkpoint directory into an OmniModel built from the ming-lite-omni config."""
-    tensors = read_tensors(path)
+    tensors = read_prefixed(path, ("",))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         head, _, rest = key.partition(".")

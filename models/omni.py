@@ -14,6 +14,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -21,8 +22,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from encoders.audio import AudioInputs
 from models.backbones import build_backbone
-from models.encoders import AUDIO_ENCODERS, VISION_ENCODERS
-from models.projectors import build_projector, conv_output_frames
+from models.encoders import AUDIO_ENCODERS, VISION_ENCODERS, build_video_encoder
+from models.projectors import Projector, build_projector
 
 
 class OmniConfig(PretrainedConfig):
@@ -31,11 +32,13 @@ class OmniConfig(PretrainedConfig):
     model_type = "ordmoe_omni"
 
     def __init__(self, backbone: dict | None = None, vision: dict | None = None, audio: dict | None = None,
-                 vision_projector: dict | None = None, audio_projector: dict | None = None,
+                 video: dict | None = None, vision_projector: dict | None = None, audio_projector: dict | None = None,
                  placeholder_ids: dict | None = None, **kwargs: Any) -> None:
         self.backbone = backbone or {}
         self.vision = vision
         self.audio = audio
+        self.video = video or {}  # VideoSection fields: num_frames, temporal_pool, with_audio
+        # `normalize: true` L2-normalises projected features, as Ming-Lite-Omni does for images and audio
         self.vision_projector = vision_projector or {"name": "mlp2x_gelu"}
         self.audio_projector = audio_projector or {"name": "conv_audio", "depth": 2, "kernel_size": 3, "stride": 2}
         self.placeholder_ids = placeholder_ids or {}  # {"image": id, "video": id, "audio": id} of the patch tokens
@@ -55,28 +58,19 @@ class OmniModel(PreTrainedModel, GenerationMixin):
         backbone = config.backbone
         self.model = build_backbone(backbone["name"], backbone.get("config", {}), source="OmniConfig.backbone")
         hidden = self.model.config.hidden_size
-        self.vision = self.linear_proj = self.audio = self.linear_proj_audio = None
+        self.vision = self.linear_proj = self.audio = self.linear_proj_audio = self.video = None
         if config.vision:
             self.vision = VISION_ENCODERS.build(config.vision["name"], config.vision.get("config", {}))
-            options = {k: v for k, v in config.vision_projector.items() if k != "name"}
-            self.linear_proj = build_projector(config.vision_projector["name"], self.vision.output_dim, hidden, **options)
+            self.linear_proj = _projector(config.vision_projector, self.vision.output_dim, hidden)
+            self.video = build_video_encoder(self.vision, config.video)  # shares the vision weights
         if config.audio:
             self.audio = AUDIO_ENCODERS.build(config.audio["name"], config.audio.get("config", {}))
-            options = {k: v for k, v in config.audio_projector.items() if k != "name"}
-            self.linear_proj_audio = build_projector(config.audio_projector["name"], self.audio.output_dim, hidden,
-                                                     **options)
+            self.linear_proj_audio = _projector(config.audio_projector, self.audio.output_dim, hidden)
         self._llm_takes_modality = "modality_ids" in inspect.signature(self.model.forward).parameters
         config.text_config = self.model.config  # generation sizes its KV cache from the LLM's config
         self.post_init()
 
     # ---- what the processor needs to know -----------------------------------------------------------
-    def audio_tokens(self, encoder_frames: int) -> int:
-        """Placeholder tokens of a clip with `encoder_frames` Whisper frames (after the projector)."""
-        options = self.config.audio_projector
-        if options["name"] != "conv_audio":
-            return encoder_frames
-        return conv_output_frames(encoder_frames, options.get("kernel_size", 3), options.get("stride", 2))
-
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
@@ -105,21 +99,20 @@ class OmniModel(PreTrainedModel, GenerationMixin):
 
     def _media_features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
-        for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        for kind, pixels, encode in (("image", "pixel_values", self.vision), ("video", "pixel_values_videos", self.video)):
             if batch.get(pixels) is not None:
-                if self.vision is None:
+                if encode is None:
                     raise ValueError(f"the batch has {kind} inputs but this model has no vision encoder")
-                out[kind] = self.linear_proj(self.vision.encode(batch[pixels], batch[f"{kind}_grid_thw"]))
+                features = self.linear_proj(encode(batch[pixels], batch[f"{kind}_grid_thw"]))
+                out[kind] = _normalized(features, self.config.vision_projector)
         if batch.get("audio_features") is not None:
             if self.audio is None:
                 raise ValueError("the batch has audio inputs but this model has no audio encoder")
             inputs = AudioInputs(batch["audio_features"], batch["audio_chunk_frames"],
                                  batch["audio_chunks_per_clip"].tolist(), batch["audio_frames_per_clip"].tolist())
-            clips = self.audio.encode(inputs)
-            if self.config.audio_projector["name"] == "conv_audio":  # channels-first, one clip at a time
-                out["audio"] = torch.cat([self.linear_proj_audio(c.T.unsqueeze(0))[0].T for c in clips])
-            else:
-                out["audio"] = self.linear_proj_audio(torch.cat(clips))
+            # one clip at a time: the conv projector must not run across clip boundaries
+            features = torch.cat([self.linear_proj_audio.project(clip) for clip in self.audio(inputs)])
+            out["audio"] = _normalized(features, self.config.audio_projector)
         return out
 
     def _count_mismatch(self, kind: str, mask: torch.Tensor, features: torch.Tensor, batch: dict[str, Any]) -> str:
@@ -170,3 +163,12 @@ class OmniModel(PreTrainedModel, GenerationMixin):
             init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 init.zeros_(module.bias)
+
+
+def _projector(section: dict[str, Any], in_dim: int, out_dim: int) -> Projector:
+    options = {k: v for k, v in section.items() if k not in ("name", "normalize")}
+    return build_projector(section["name"], in_dim, out_dim, **options)
+
+
+def _normalized(features: torch.Tensor, section: dict[str, Any]) -> torch.Tensor:
+    return F.normalize(features, dim=-1) if section.get("normalize", False) else features

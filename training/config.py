@@ -30,8 +30,8 @@ class OptimConfig:
 class DataConfig:
     """Where batches come from. `text`: a corpus file cut into chunks (language-model stage).
 
-    Without `corpus`, the offline docstring corpus is built into `<output_dir>/corpus/` with a BPE
-    tokenizer sized to the model's vocabulary (data/text.py).
+    Without `corpus`, the bundled corpus (data/corpus/, Python standard-library docstrings) is used;
+    without `tokenizer`, a BPE sized to the model's vocabulary is trained on the corpus into output_dir.
     """
 
     kind: Literal["text"] = "text"

@@ -12,7 +12,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from data.text import ChunkBatches, TextChunks, build_docstring_corpus
+from data.text import ChunkBatches, TextChunks
+from data.tokenizer import CORPUS, train_tokenizer
 from models.build import build_model
 from models.config import to_dict
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -38,14 +39,11 @@ def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
 
 def build_batches(config: DataConfig, seed: int, output_dir: str | Path, vocab_size: int
                   ) -> tuple[ChunkBatches, TextChunks]:
-    corpus, tokenizer = config.corpus, config.tokenizer
-    if corpus is None:
-        built = Path(output_dir) / "corpus"
-        if not (built / "tokenizer.json").is_file():
-            build_docstring_corpus(built, vocab_size=vocab_size)
-        corpus, tokenizer = built / "corpus.txt", built / "tokenizer.json"
-    elif tokenizer is None:
-        raise ValueError("data.tokenizer is required when data.corpus is given")
+    corpus, tokenizer = config.corpus or CORPUS, config.tokenizer
+    if tokenizer is None:  # a BPE sized to the model, trained once on the corpus
+        tokenizer = Path(output_dir) / "tokenizer.json"
+        if not tokenizer.is_file():
+            train_tokenizer(corpus, tokenizer, vocab_size)
     chunks = TextChunks(corpus, tokenizer, config.seq_len, config.eval_fraction)
     if chunks.tokenizer.get_vocab_size() > vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {chunks.tokenizer.get_vocab_size()} tokens but the model's "

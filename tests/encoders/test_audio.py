@@ -5,7 +5,7 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from data.media import load_audio
-from encoders.checkpoint import EncoderCheckpointError
+from encoders.checkpoint import CheckpointError
 from models.encoders import AUDIO_ENCODERS
 
 TINY = {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 80}
@@ -64,10 +64,10 @@ def test_whisper_checkpoint_encoder_loads_without_missing_keys(tmp_path):
 def test_whisper_checkpoint_of_another_width_fails_naming_the_field(tmp_path):
     official = WhisperForConditionalGeneration(WhisperConfig(**{**TINY, "d_model": 48}, **DECODER))
     official.save_pretrained(tmp_path)
-    with pytest.raises(EncoderCheckpointError, match="d_model: checkpoint 48 vs encoder 32"):
+    with pytest.raises(CheckpointError, match="d_model: checkpoint 48 vs encoder 32"):
         AUDIO_ENCODERS.build("whisper", TINY).load_checkpoint(tmp_path)
     (tmp_path / "config.json").unlink()  # without a config, the shapes speak
-    with pytest.raises(EncoderCheckpointError, match=r"shape mismatches: conv1.weight: checkpoint \(48, 80, 3\)"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches: conv1.weight: checkpoint \(48, 80, 3\)"):
         AUDIO_ENCODERS.build("whisper", TINY).load_checkpoint(tmp_path)
 
 

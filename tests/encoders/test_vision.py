@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from data.media import load_image
-from encoders.checkpoint import EncoderCheckpointError
+from encoders.checkpoint import CheckpointError
 from models.config import ConfigError
 from models.encoders import VISION_ENCODERS
 
@@ -66,15 +66,15 @@ def test_qwen_checkpoint_of_another_architecture_or_incomplete_fails_clearly(tmp
     official = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=TEXT,
                                                                    vision_config={**ARCHITECTURE, "depth": 3}))
     official.save_pretrained(tmp_path / "deeper")
-    with pytest.raises(EncoderCheckpointError, match="depth: checkpoint 3 vs encoder 2"):
+    with pytest.raises(CheckpointError, match="depth: checkpoint 3 vs encoder 2"):
         VISION_ENCODERS.build("qwen2_5_vl", TINY).load_checkpoint(tmp_path / "deeper")
     tensors = {f"visual.{k}": v for k, v in VISION_ENCODERS.build("qwen2_5_vl", TINY).state_dict().items()
                if not k.startswith("merger.mlp.2")}
     (tmp_path / "partial").mkdir()
     save_file(tensors, str(tmp_path / "partial" / "model.safetensors"))
-    with pytest.raises(EncoderCheckpointError, match=r"missing keys: merger\.mlp\.2\.weight, merger\.mlp\.2\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing keys: merger\.mlp\.2\.weight, merger\.mlp\.2\.bias"):
         VISION_ENCODERS.build("qwen2_5_vl", TINY).load_checkpoint(tmp_path / "partial")
-    with pytest.raises(EncoderCheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
         VISION_ENCODERS.build("qwen2_5_vl", TINY).load_checkpoint(tmp_path)
 
 
@@ -102,7 +102,7 @@ def test_timm_local_checkpoint_and_freezing(tmp_path):
     assert torch.equal(encoder.model.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
     assert not any(p.requires_grad for p in encoder.parameters())
     save_file({k: v for k, v in source.state_dict().items() if k != "cls_token"}, str(tmp_path / "broken.safetensors"))
-    with pytest.raises(EncoderCheckpointError, match="missing keys: cls_token"):
+    with pytest.raises(CheckpointError, match="missing keys: cls_token"):
         VISION_ENCODERS.build("timm", {"model_name": "vit_tiny_patch16_224",
                                        "checkpoint": str(tmp_path / "broken.safetensors")})
 

@@ -51,6 +51,8 @@ def test_features_land_exactly_at_the_placeholders(tiny_omni, mixed_batch):
         embeds, _ = model.embed_inputs(mixed_batch)
         text = model.get_input_embeddings()(mixed_batch["input_ids"])
         image = model.linear_proj(model.vision.encode(mixed_batch["pixel_values"], mixed_batch["image_grid_thw"]))
+        assert model.config.vision_projector["normalize"]  # Ming L2-normalises projected image features
+        image = torch.nn.functional.normalize(image, dim=-1)
     ids = mixed_batch["input_ids"]
     for kind in ("image", "video", "audio"):
         mask = ids == model.config.placeholder_ids[kind]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import models  # noqa: F401
-from data.text import build_docstring_corpus
+from data.tokenizer import CORPUS, train_tokenizer
 from models.config import from_dict
 from training.checkpoint import latest_checkpoint
 from training.config import TrainConfig
@@ -17,9 +17,9 @@ MODEL = "configs/models/tiny-ling-lite.yaml"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Real English text (Python's and PyTorch's docstrings) and a BPE tokenizer trained on it."""
-    text, tokenizer = build_docstring_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=512)
-    return {"corpus": str(text), "tokenizer": str(tokenizer)}
+    """Real English text (the bundled standard-library docstrings) and a BPE tokenizer sized to the model."""
+    tokenizer = train_tokenizer(CORPUS, tmp_path_factory.mktemp("corpus") / "tokenizer.json", vocab_size=512)
+    return {"corpus": str(CORPUS), "tokenizer": str(tokenizer)}
 
 
 @pytest.fixture
