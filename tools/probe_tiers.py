@@ -19,9 +19,8 @@ from models.tiers import TierConfig
 from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.config import TrainConfig
 from training.engine import resolve_device
-from training.loop import build_batches
+from training.data import held_out_batches
 from training.tier_probe import format_table, probe_tiers, save_report
-from data.text import ChunkBatches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config.model)
     load_model_weights(checkpoint, model)
     model.to(device)
-    _, chunks = build_batches(config.data, config.seed, run_dir, model.get_input_embeddings().num_embeddings)
-    held_out = ChunkBatches(chunks.eval, min(args.batch_size, len(chunks.eval)), shuffle=False)
-    batches = [b for _, b in zip(range(min(args.max_batches, held_out.batches_per_epoch)), held_out)]
+    batches = held_out_batches(config, model, args.max_batches, args.batch_size)
     scores = probe_tiers(model, batches, tiers, args.scopes, device)
     out = Path(args.out) if args.out else run_dir / "tier_probe"
     paths = save_report(scores, out, meta={"checkpoint": str(checkpoint), "tiers": tiers.__dict__})

@@ -34,12 +34,18 @@ class DataConfig:
     without `tokenizer`, a BPE sized to the model's vocabulary is trained on the corpus into output_dir.
     """
 
-    kind: Literal["text"] = "text"
-    corpus: str | None = None
-    tokenizer: str | None = None
+    kind: Literal["text", "manifest"] = "text"
+    corpus: str | None = None  # text
+    tokenizer: str | None = None  # text (multimodal data use the model config's tokenizer)
+    manifest: str | None = None  # manifest: JSONL of samples (conversation or caption + media paths)
+    eval_manifest: str | None = None  # held-out samples for the tier probe
     seq_len: int = 128
     batch_size: int = 16  # micro-batch per device
     eval_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind == "manifest" and self.manifest is None:
+            raise ValueError("data.kind=manifest needs data.manifest (a JSONL file of samples)")
 
 
 @dataclass

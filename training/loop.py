@@ -12,12 +12,11 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from data.text import ChunkBatches, TextChunks
-from data.tokenizer import CORPUS, train_tokenizer
 from models.build import build_model
 from models.config import to_dict
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import DataConfig, TrainConfig
+from training.config import TrainConfig
+from training.data import train_stream
 from training.engine import PlainEngine, resolve_device
 from training.objectives import build_objective
 from training.run_log import RunLog, plot_training_curves
@@ -35,20 +34,6 @@ def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
             param.requires_grad_(False)
             frozen += param.numel()
     return frozen
-
-
-def build_batches(config: DataConfig, seed: int, output_dir: str | Path, vocab_size: int
-                  ) -> tuple[ChunkBatches, TextChunks]:
-    corpus, tokenizer = config.corpus or CORPUS, config.tokenizer
-    if tokenizer is None:  # a BPE sized to the model, trained once on the corpus
-        tokenizer = Path(output_dir) / "tokenizer.json"
-        if not tokenizer.is_file():
-            train_tokenizer(corpus, tokenizer, vocab_size)
-    chunks = TextChunks(corpus, tokenizer, config.seq_len, config.eval_fraction)
-    if chunks.tokenizer.get_vocab_size() > vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {chunks.tokenizer.get_vocab_size()} tokens but the model's "
-                         f"embedding has {vocab_size} rows")
-    return ChunkBatches(chunks.train, config.batch_size, seed=seed), chunks
 
 
 def make_deterministic() -> None:
@@ -76,7 +61,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             objective.routing.enable_activation_checkpointing(model)
         else:
             model.activation_checkpointing_enable({"use_reentrant": False})
-    batches, _ = build_batches(config.data, config.seed, output_dir, model.get_input_embeddings().num_embeddings)
+    batches = train_stream(config, model)
     engine = PlainEngine(model, config, device)
 
     step = 0
@@ -101,7 +86,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         for _ in range(config.grad_accum):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(stream).items()}
             with engine.autocast():
                 result = objective(model, batch, backward=engine.backward, step=step + 1)
             for key, value in {"loss": result.loss, **result.parts}.items():
@@ -115,10 +100,13 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         metrics["supervised_tokens"] = sums["supervised_tokens"]
         metrics.update(lr=engine.lr, grad_norm=grad_norm, step_seconds=elapsed,
                        tokens_per_second=sums["supervised_tokens"] / elapsed, epoch=batches.epoch)
+        if hasattr(batches, "skipped"):  # bad samples are skipped, counted and shown, never fatal
+            metrics["skipped_samples"] = sum(batches.skipped.values())
         progress.update(1)
         if step == 1 or step % config.log_every == 0 or step == config.steps:
             log.log(step, metrics)
-            progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "ntp", "erl", "tier_order_agreement")
+            progress.set_postfix({k: f"{metrics[k]:.3f}" if isinstance(metrics[k], float) else metrics[k]
+                                  for k in ("loss", "ntp", "erl", "tier_order_agreement", "skipped_samples")
                                   if k in metrics})
         if (config.save_every and step % config.save_every == 0) or step == config.steps:
             save_checkpoint(output_dir, step, model,

@@ -1,0 +1,62 @@
+"""OrdMoE training of the tiny omni model on a JSONL manifest of real media, then the tier probe."""
+import json
+import shutil
+
+import pytest
+
+from models.config import from_dict
+from tools.probe_tiers import main as probe_main
+from training.checkpoint import latest_checkpoint
+from training.config import TrainConfig
+from training.loop import train
+from training.run_log import read_metrics
+
+
+@pytest.fixture
+def manifests(tmp_path, assets):
+    for name in ("coco_000000039769.png", "ai2d_00002168.png", "LDC93S1.wav", "1272-128104-0000.flac",
+                 "mmaction2_demo_arm_wrestling.mp4"):
+        shutil.copy(assets / name, tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    train_rows = [
+        {"id": "cats", "image": "coco_000000039769.png",
+         "conversation": [{"role": "user", "content": "<image>\nHow many cats?"}, {"role": "assistant", "content": "2"}]},
+        {"id": "ai2d", "caption": "A diagram of a life cycle.", "image": "ai2d_00002168.png"},
+        {"id": "timit", "audio": "LDC93S1.wav", "caption": "She had your dark suit in greasy wash water all year."},
+        {"id": "libri", "audio": "1272-128104-0000.flac",
+         "caption": "MISTER QUILTER IS THE APOSTLE OF THE MIDDLE CLASSES"},
+        {"id": "video", "video": "mmaction2_demo_arm_wrestling.mp4",
+         "conversation": [{"role": "user", "content": "<video>\nWhat are they doing?"},
+                          {"role": "assistant", "content": "Arm wrestling."}]},
+        {"id": "text", "conversation": [{"role": "user", "content": "What is a tensor?"},
+                                        {"role": "assistant", "content": "A multi-dimensional array."}]},
+        {"id": "corrupt", "image": "broken.png", "caption": "never seen"},
+        {"id": "orphan-marker", "conversation": [{"role": "user", "content": "<image> What is this?"},
+                                                 {"role": "assistant", "content": "Nothing."}]},
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train_rows))
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in train_rows[:6]))
+    return tmp_path
+
+
+def test_ordmoe_on_a_multimodal_manifest_skips_bad_samples_and_probes_tiers(manifests, tmp_path, capsys):
+    config = from_dict(TrainConfig, {
+        "model": "configs/models/tiny-omni.yaml", "output_dir": str(tmp_path / "run"), "steps": 4, "log_every": 1,
+        "data": {"kind": "manifest", "manifest": str(manifests / "train.jsonl"),
+                 "eval_manifest": str(manifests / "eval.jsonl"), "batch_size": 2},
+        "objective": {"name": "ordmoe", "tiers": {"num_tiers": 3}, "diag_every": 2}, "optim": {"lr": 1e-3}},
+        source="test")
+    metrics = train(config, show_progress=False)
+    assert metrics["skipped_samples"] == 2  # the corrupt image and the marker without its image
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 4 and all("logp_tier1" in r for r in rows) and "logp_tier2" in rows[1]
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000004"
+
+    capsys.readouterr()
+    assert probe_main([str(tmp_path / "run"), "--max-batches", "2", "--batch-size", "3", "--scopes", "all"]) == 0
+    assert "| all | 3 | 13-16 |" in capsys.readouterr().out
+
+
+def test_manifest_without_its_file_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="data.kind=manifest needs data.manifest"):
+        from_dict(TrainConfig, {"model": "configs/models/tiny-omni.yaml", "data": {"kind": "manifest"}}, source="t")

@@ -1,0 +1,73 @@
+"""Batches for a training run, whatever the data: a text corpus, a JSONL manifest, or WebDataset shards.
+
+Every stream yields collated batches forever (epoch after epoch) and has `state_dict` / `load_state_dict`
+(its position, saved in checkpoints) and `epoch`; multimodal streams also count skipped samples.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from data.manifest import ManifestBatches, read_manifest
+from data.processor import OmniProcessor
+from data.text import ChunkBatches, TextChunks
+from data.tokenizer import CORPUS, train_tokenizer
+from models.build import load_model_config
+from training.config import TrainConfig
+
+
+def processor_for(model: nn.Module, config: TrainConfig) -> OmniProcessor:
+    model_config = load_model_config(config.model)
+    if model_config.tokenizer is None:
+        raise ValueError(f"{config.model}: multimodal data needs the model config's `tokenizer`")
+    return OmniProcessor.for_model(model, model_config.tokenizer, model_config.max_length,
+                                   num_frames=model_config.video.num_frames,
+                                   temporal_pool=model_config.video.temporal_pool)
+
+
+def text_chunks(config: TrainConfig, model: nn.Module) -> TextChunks:
+    data = config.data
+    corpus, tokenizer = data.corpus or CORPUS, data.tokenizer
+    if tokenizer is None:  # a BPE sized to the model, trained once on the corpus
+        tokenizer = Path(config.output_dir) / "tokenizer.json"
+        if not tokenizer.is_file():
+            train_tokenizer(corpus, tokenizer, model.get_input_embeddings().num_embeddings)
+    chunks = TextChunks(corpus, tokenizer, data.seq_len, data.eval_fraction)
+    vocab = model.get_input_embeddings().num_embeddings
+    if chunks.tokenizer.get_vocab_size() > vocab:
+        raise ValueError(f"tokenizer {tokenizer} has {chunks.tokenizer.get_vocab_size()} tokens but the model's "
+                         f"embedding has {vocab} rows")
+    return chunks
+
+
+def train_stream(config: TrainConfig, model: nn.Module) -> Any:
+    """The training batch stream `config.data` describes."""
+    data = config.data
+    if data.kind == "text":
+        return ChunkBatches(text_chunks(config, model).train, data.batch_size, seed=config.seed)
+    processor = processor_for(model, config)
+    return ManifestBatches(read_manifest(data.manifest), processor, processor.collate, data.batch_size,
+                           seed=config.seed)
+
+
+def held_out_batches(config: TrainConfig, model: nn.Module, max_batches: int, batch_size: int) -> list[dict]:
+    """Held-out batches in a fixed order: the text split, or `data.eval_manifest`."""
+    data = config.data
+    if data.kind == "text":
+        chunks = text_chunks(config, model).eval
+        stream = ChunkBatches(chunks, min(batch_size, len(chunks)), shuffle=False)
+        return list(islice(stream, min(max_batches, stream.batches_per_epoch)))
+    if data.eval_manifest is None:
+        raise ValueError("data.eval_manifest is not set: nothing held out to probe")
+    processor = processor_for(model, config)
+    samples = read_manifest(data.eval_manifest)
+    stream = ManifestBatches(samples, processor, processor.collate, min(batch_size, len(samples)), shuffle=False)
+    batches = []
+    for batch in stream:
+        if stream.epoch > 0 or len(batches) == max_batches:
+            break
+        batches.append(batch)
+    return batches
