@@ -74,8 +74,8 @@ class LingLiteConfig(PretrainedConfig):
         **kwargs: Any,
     ) -> None:
         if rope_scaling is not None:
-            raise NotImplementedError(f"rope_scaling={rope_scaling!r}: only the default RoPE is implemented "
-                                      f"(Ling-lite and Ming-Lite-Omni ship rope_scaling=null)")
+            raise ValueError(f"rope_scaling={rope_scaling!r}: only the default 1-D RoPE is implemented (Ling-lite "
+                             f"ships rope_scaling=null; Ming's 3-D `video_rope` positions are not implemented)")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

@@ -92,7 +92,7 @@ class LingMiniConfig(PretrainedConfig):
         **kwargs: Any,
     ) -> None:
         if rope_scaling is not None:
-            raise NotImplementedError(f"rope_scaling={rope_scaling!r}: only the default RoPE is implemented")
+            raise ValueError(f"rope_scaling={rope_scaling!r}: only the default RoPE is implemented")
         if score_function != "sigmoid":
             raise ValueError(f"score_function={score_function!r}: BailingMoeV2 routes with 'sigmoid'")
         shared = moe_intermediate_size * (num_shared_experts or 0)

@@ -106,21 +106,11 @@ def test_layer_scope_leaves_other_layers_standard():
     assert torch.equal(tiered[1].indices.sort(-1).values, top2.sort(-1).values)
 
 
-def test_batched_rows_equal_separate_paths():
+@pytest.mark.parametrize("plan", [{}, {"plan": "uneven", "ranks": ["1-2", "5-7", "16"]}])
+def test_batched_rows_equal_separate_paths(plan):
+    """One forward with a tier per batch row; uneven tiers pad with zero-weight slots."""
     model = qwen3_moe()
-    routing = attach(model, c=3)
-    separate = []
-    for tier in (1, 2, 3):
-        with routing.path(tier):
-            separate.append(model(INPUT).logits)
-    with routing.path((1, 1, 2, 2, 3, 3)):
-        batched = model(INPUT.repeat(3, 1)).logits
-    torch.testing.assert_close(batched, torch.cat(separate), atol=1e-5, rtol=1e-5)
-
-
-def test_uneven_tiers_in_one_batch_pad_with_zero_weight():
-    model = qwen3_moe()
-    routing = attach(model, c=3, plan="uneven", ranks=["1-2", "5-7", "16"])
+    routing = attach(model, c=3, **plan)
     separate = []
     for tier in (1, 2, 3):
         with routing.path(tier):
