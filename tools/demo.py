@@ -1,9 +1,10 @@
-"""`make demo`: train the tiny MoE model with OrdMoE on the CPU, then measure its tiers.
+"""`make demo`: train the tiny omni model with OrdMoE on the CPU, then measure its tiers.
 
-1. trains `configs/train/tiny-ordmoe-text.yaml` (tiny Ling-lite, C = 3, offline docstring corpus);
-2. probes every tier on the held-out split (tier 1 > tier 2 > tier 3 ?) for each layer scope;
+1. trains `configs/train/demo-omni.yaml`: tiny-omni (tiny Ling-lite with Ming's modality routers, a
+   Qwen2.5-VL vision tower, a Whisper encoder), C = 3, on the bundled photos, diagrams, speech and videos;
+2. probes every tier on the held-out samples (tier 1 > tier 2 > tier 3 ?) for each layer scope;
 3. prints where the logs, plots and checkpoints are.
-Any `key=value` arguments override the training config (e.g. `steps=50`).
+Any `key=value` arguments override the training config (e.g. `steps=100`).
 """
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ import sys
 
 from tools import probe_tiers, train
 
-CONFIG = "configs/train/tiny-ordmoe-text.yaml"
+CONFIG = "configs/train/demo-omni.yaml"
 OUTPUT = "runs/demo"
 
 
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    print(f"== 1/2 training {CONFIG} (OrdMoE, C = 3) on the CPU")
-    status = train.main([CONFIG, f"output_dir={OUTPUT}", *overrides])
+    output = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), OUTPUT)
+    print(f"== 1/2 training {CONFIG} (tiny omni model, OrdMoE with C = 3) on the CPU")
+    status = train.main([CONFIG, f"output_dir={output}", *overrides])
     if status:
         return status
-    print("\n== 2/2 per-tier log-likelihood on held-out text")
-    status = probe_tiers.main([OUTPUT])
+    print("\n== 2/2 per-tier log-likelihood on the held-out samples")
+    status = probe_tiers.main([output])
     if status == 0:
-        print(f"\nlogs: {OUTPUT}/metrics.jsonl, TensorBoard: {OUTPUT}/tensorboard, plots: "
-              f"{OUTPUT}/training_curves.png and {OUTPUT}/tier_probe/tier_probe.png")
+        print(f"\nlogs: {output}/metrics.jsonl, TensorBoard: {output}/tensorboard, plots: "
+              f"{output}/training_curves.png and {output}/tier_probe/tier_probe.png")
     return status
 
 
