@@ -70,7 +70,7 @@ class OmniModel(PreTrainedModel, GenerationMixin):
         config.text_config = self.model.config  # generation sizes its KV cache from the LLM's config
         self.post_init()
 
-    # ---- what the processor needs to know -----------------------------------------------------------
+    # ---- embeddings ----------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
