@@ -34,10 +34,11 @@ class DataConfig:
     without `tokenizer`, a BPE sized to the model's vocabulary is trained on the corpus into output_dir.
     """
 
-    kind: Literal["text", "manifest"] = "text"
+    kind: Literal["text", "manifest", "shards"] = "text"
     corpus: str | None = None  # text
     tokenizer: str | None = None  # text (multimodal data use the model config's tokenizer)
     manifest: str | None = None  # manifest: JSONL of samples (conversation or caption + media paths)
+    shards: str | None = None  # shards: a directory of WebDataset tars (tools/make_shards.py, img2dataset)
     eval_manifest: str | None = None  # held-out samples for the tier probe
     seq_len: int = 128
     batch_size: int = 16  # micro-batch per device
@@ -46,6 +47,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind == "manifest" and self.manifest is None:
             raise ValueError("data.kind=manifest needs data.manifest (a JSONL file of samples)")
+        if self.kind == "shards" and self.shards is None:
+            raise ValueError("data.kind=shards needs data.shards (a directory of WebDataset .tar shards)")
 
 
 @dataclass

@@ -9,9 +9,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from data.manifest import ManifestBatches, read_manifest
+from data.pipeline import ShardBatches
 from data.processor import OmniProcessor
 from data.text import ChunkBatches, TextChunks
 from data.tokenizer import CORPUS, train_tokenizer
@@ -49,8 +51,19 @@ def train_stream(config: TrainConfig, model: nn.Module) -> Any:
     if data.kind == "text":
         return ChunkBatches(text_chunks(config, model).train, data.batch_size, seed=config.seed)
     processor = processor_for(model, config)
+    if data.kind == "shards":
+        rank, world = distributed_rank()
+        return ShardBatches(data.shards, processor, processor.collate, data.batch_size, seed=config.seed,
+                            rank=rank, world_size=world)
     return ManifestBatches(read_manifest(data.manifest), processor, processor.collate, data.batch_size,
                            seed=config.seed)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def held_out_batches(config: TrainConfig, model: nn.Module, max_batches: int, batch_size: int) -> list[dict]:

@@ -60,3 +60,16 @@ def test_ordmoe_on_a_multimodal_manifest_skips_bad_samples_and_probes_tiers(mani
 def test_manifest_without_its_file_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="data.kind=manifest needs data.manifest"):
         from_dict(TrainConfig, {"model": "configs/models/tiny-omni.yaml", "data": {"kind": "manifest"}}, source="t")
+
+
+def test_ordmoe_trains_from_webdataset_shards(manifests, tmp_path):
+    from tools.make_shards import main as make_shards
+    assert make_shards([str(manifests / "train.jsonl"), str(tmp_path / "shards"), "--max-samples", "3"]) == 0
+    config = from_dict(TrainConfig, {
+        "model": "configs/models/tiny-omni.yaml", "output_dir": str(tmp_path / "run"), "steps": 2, "log_every": 1,
+        "data": {"kind": "shards", "shards": str(tmp_path / "shards"), "batch_size": 2},
+        "objective": {"name": "ordmoe"}}, source="test")
+    metrics = train(config, show_progress=False)
+    assert metrics["skipped_samples"] == 1  # the marker without its image (the corrupt image never got written)
+    state = __import__("torch").load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=True)
+    assert state["data"]["yielded"] == 2
