@@ -28,10 +28,12 @@ def test_config_errors_are_reported_not_raised(tmp_path, capsys):
     assert "must be one of" in capsys.readouterr().err
 
 
-def test_demo_trains_the_tiny_omni_model_on_the_bundled_media(tmp_path, capsys):
+def test_demo_builds_its_data_and_trains_the_tiny_omni_model(tmp_path, capsys):
     from tools.demo import main as demo_main
 
-    assert demo_main([f"output_dir={tmp_path / 'demo'}", "steps=2", "log_every=1", "--no-progress"]) == 0
+    assert demo_main([f"output_dir={tmp_path / 'demo'}", f"data_dir={tmp_path / 'data'}", "steps=2", "log_every=1",
+                      "--no-progress"]) == 0
+    assert (tmp_path / "data" / "train_shards" / "sizes.json").is_file()
     out = capsys.readouterr().out
     assert "| all | 3 | 13-16 |" in out and '"skipped_samples": 0' in out
     assert (tmp_path / "demo" / "tier_probe" / "tier_probe.png").is_file()
