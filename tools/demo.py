@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     output = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), OUTPUT)
     data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data_dir=")), DATA)
     overrides = [o for o in overrides if not o.startswith("data_dir=")]
-    overrides += [f"data.shards={data}/train_shards", f"data.eval_manifest={data}/eval.jsonl"]
+    overrides = [f"data.shards={data}/train_shards", f"data.eval_manifest={data}/eval.jsonl", *overrides]
     if not (Path(data) / "eval.jsonl").is_file():
         print(f"== 0/2 building the demo dataset in {data}")
         build_demo_data(data)
