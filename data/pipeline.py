@@ -1,19 +1,26 @@
-"""Training batches from WebDataset shards: split by rank, shuffled by (seed, epoch), resumable exactly.
+"""Training batches from WebDataset shards, split by rank and worker, shuffled by (seed, epoch), resumable exactly.
 
-Shards are read with stock `webdataset` (one shard at a time); samples are turned into processor
-samples (media bytes + conversation, or a caption as in img2dataset / video2dataset layouts), processed
-and collated. Each rank takes every `world_size`-th shard of the epoch's seeded shard order and yields
-the same number of batches as every other rank (the smallest rank's count, from `sizes.json`), so no
-rank waits forever in a collective. The position is (epoch, shard index, samples read in that shard):
-a restart skips exactly what was consumed. Bad samples and truncated shards are skipped and counted.
+Shards are read with stock `webdataset` (one shard at a time); samples become processor samples
+(media bytes + conversation, or a caption as in img2dataset / video2dataset layouts), are processed
+and batched. Every epoch has one seeded shard order, the same on every rank: rank `r` takes every
+`world_size`-th shard of it and its DataLoader worker `w` every `num_streams`-th of those, so ranks and
+workers read disjoint shards. Inside a shard, samples go through a seeded shuffle buffer.
 
-Runs in the training process (no DataLoader workers): decoding cost is measured by
-benchmarks/dataloader.py when it exists; worker sharding of this stream is future work.
+Equal batch counts: without packing, every rank yields the same number of batches per epoch (the
+smallest rank's sample count from `sizes.json`, in whole batches, spread over its workers), so no rank
+waits forever in a collective. The stream runs epoch after epoch, so a step-based run never ends
+early on one rank even when bad samples or packing make epochs uneven.
+
+Position of a stream: (epoch, shard index, samples emitted by that shard's shuffle buffer, batches
+yielded, skip counts). Resuming re-reads the current shard's tar without decoding up to the position,
+replaying the same shuffle. Bad samples and truncated shards are skipped and counted.
 """
 from __future__ import annotations
 
 import json
+import random
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +29,8 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from data.batching import FixedBatcher, PackedBatcher
+from data.loader import ResumableStream
 from data.manifest import CAPTION_PROMPTS
 from data.media import MediaError
 from data.processor import ProcessorError
@@ -29,6 +38,7 @@ from data.processor import ProcessorError
 MEDIA_KINDS = {"img": "images", "jpg": "images", "jpeg": "images", "png": "images", "webp": "images",
                "aud": "audios", "wav": "audios", "flac": "audios", "mp3": "audios",
                "vid": "videos", "mp4": "videos", "mkv": "videos", "webm": "videos"}
+SAMPLE_ERRORS = (MediaError, ProcessorError, json.JSONDecodeError, UnicodeDecodeError)
 
 
 class ShardSampleError(ValueError):
@@ -56,78 +66,222 @@ def to_sample(group: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
-class ShardBatches:
-    """Collated batches over shards for one rank, epoch after epoch, with an exact resumable position."""
+def describe(err: Exception, group: dict[str, Any]) -> str:
+    """A skip reason that names the sample (most of our errors already do)."""
+    key = str(group.get("__key__"))
+    return str(err) if key in str(err) else f"sample {key}: {type(err).__name__}: {err}"
 
-    def __init__(self, shard_dir: str | Path, process: Callable[[dict], dict], collate: Callable[[list], dict],
-                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        shard_dir = Path(shard_dir)
-        self.shards = sorted(shard_dir.glob("*.tar"))
-        if len(self.shards) < world_size:
-            raise ValueError(f"{shard_dir} has {len(self.shards)} shard(s) for {world_size} ranks")
-        sizes_file = shard_dir / "sizes.json"
+
+def count_samples(shard: Path) -> int:
+    """Samples in a tar shard, from its member headers (no decoding); for shards without a sizes.json."""
+    keys = set()
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    directory, _, name = member.name.rpartition("/")
+                    keys.add((directory, name.split(".", 1)[0]))
+    except (tarfile.TarError, OSError):
+        pass  # a truncated shard counts what it has; reading it later skips and reports the damage
+    return len(keys)
+
+
+def read_sizes(shard_dir: Path, shards: list[Path]) -> list[int]:
+    """Samples per shard: `sizes.json` where it names the shard, else counted from the tar headers."""
+    sizes_file = shard_dir / "sizes.json"
+    try:
         sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
-        self.sizes = [int(sizes.get(s.name, 0)) for s in self.shards]
-        self.process, self.collate, self.batch_size = process, collate, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.shard_index, self.read_in_shard, self.yielded = 0, 0, 0, 0
-        self.skipped: Counter[str] = Counter()
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{sizes_file} is not valid JSON ({err}); delete it to count samples from the tars")
+    return [int(sizes[s.name]) if s.name in sizes else count_samples(s) for s in shards]
 
-    def _rank_shards(self, epoch: int) -> list[int]:
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        return order.tolist()[self.rank::self.world_size]
 
-    def batches_per_epoch(self, epoch: int) -> int:
-        """The same for every rank: the smallest rank's sample count (from sizes.json) in whole batches."""
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        per_rank = [sum(self.sizes[i] for i in order.tolist()[r::self.world_size]) for r in range(self.world_size)]
-        return min(per_rank) // self.batch_size
+def list_shards(shard_dir: str | Path) -> list[Path]:
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        raise FileNotFoundError(f"shard directory not found: {shard_dir}")
+    shards = sorted(shard_dir.glob("*.tar"))
+    if not shards:
+        raise ValueError(f"{shard_dir} has no .tar shards (write them with tools/make_shards.py)")
+    return shards
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            shards, budget, examples = self._rank_shards(self.epoch), self.batches_per_epoch(self.epoch), []
-            while self.shard_index < len(shards) and self.yielded < budget:
-                for example in self._read_shard(shards[self.shard_index]):
-                    examples.append(example)
-                    if len(examples) == self.batch_size:
-                        self.yielded += 1
-                        yield self.collate(examples)
-                        examples = []
-                        if self.yielded == budget:
-                            break
-                else:
-                    self.shard_index, self.read_in_shard = self.shard_index + 1, 0
-                    continue
-                break
-            self.epoch, self.shard_index, self.read_in_shard, self.yielded = self.epoch + 1, 0, 0, 0
 
-    def _read_shard(self, index: int) -> Iterator[dict[str, Any]]:
-        reader = iter(wds.WebDataset(str(self.shards[index]), shardshuffle=False, empty_check=False))
-        for _ in range(self.read_in_shard):  # resume: skip what an earlier run consumed
-            next(reader, None)
+class ShardReader:
+    """The groups of one shard through a seeded shuffle buffer, resumable after `emitted` groups.
+
+    `skipped` and `note_skip` are the caller's counters: bad groups are counted where they are used.
+    """
+
+    def __init__(self, path: Path, seed: int, shuffle_buffer: int) -> None:
+        self.path, self.seed, self.shuffle_buffer = path, seed, shuffle_buffer
+        self.error: str | None = None  # set when the tar turned out truncated or corrupt
+
+    def _raw(self) -> Iterator[dict[str, Any]]:
+        dataset = wds.WebDataset(str(self.path), shardshuffle=False, empty_check=False,
+                                 nodesplitter=None, workersplitter=None)  # we split by rank/worker ourselves
+        reader = iter(dataset)
         while True:
             try:
-                group = next(reader)
+                yield next(reader)
             except StopIteration:
                 return
-            except (tarfile.TarError, OSError, ValueError) as err:  # a truncated or corrupt tar
-                self.skipped[f"unreadable shard ({type(err).__name__})"] += 1
+            except (tarfile.TarError, OSError, ValueError) as err:
+                self.error = f"unreadable shard ({type(err).__name__})"
                 return
-            self.read_in_shard += 1
-            try:
-                yield self.process(to_sample(group))
-            except (ShardSampleError, MediaError, ProcessorError, json.JSONDecodeError) as err:
-                self.skipped[type(err).__name__] += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "shard_index": self.shard_index, "read_in_shard": self.read_in_shard,
-                "yielded": self.yielded,
-                "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "skipped": dict(self.skipped)}
+    def groups(self, emitted: int = 0) -> Iterator[dict[str, Any]]:
+        """Groups in shuffled order, without the first `emitted` (already consumed before a restart)."""
+        shuffled = self._shuffled() if self.shuffle_buffer > 1 else self._raw()
+        for index, group in enumerate(shuffled):
+            if index >= emitted:
+                yield group
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "rank", "world_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"data {key} changed since the checkpoint ({state[key]} -> {getattr(self, key)})")
-        self.epoch, self.shard_index = state["epoch"], state["shard_index"]
-        self.read_in_shard, self.yielded = state["read_in_shard"], state["yielded"]
-        self.skipped = Counter(state.get("skipped", {}))
+    def _shuffled(self) -> Iterator[dict[str, Any]]:
+        rng, buffer = random.Random(self.seed), []
+        for group in self._raw():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(group)
+                continue
+            index = rng.randrange(len(buffer))
+            buffer[index], group = group, buffer[index]
+            yield group
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class ShardStream(ResumableStream):
+    """Batches over one directory of shards for one rank, epoch after epoch, each worker on its own shards."""
+
+    kind = "shards"
+
+    def __init__(self, shard_dir: str | Path, process: Callable[[dict], Any], collate: Callable[[list], Any],
+                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
+                 pack_length: int | None = None, pad_id: int = 0) -> None:
+        super().__init__()
+        self.shard_dir = Path(shard_dir)
+        self.shards = list_shards(self.shard_dir)
+        if len(self.shards) < world_size:
+            raise ValueError(f"{self.shard_dir} has {len(self.shards)} shard(s) for {world_size} ranks")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.sizes = read_sizes(self.shard_dir, self.shards)
+        self.process, self.collate, self.batch_size = process, collate, batch_size
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.pack_length, self.pad_id = pack_length, pad_id
+
+    def identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "shuffle_buffer": self.shuffle_buffer, "packed": self.pack_length is not None}
+
+    # ---- which shards, how many batches ------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.shards), generator=generator).tolist()
+
+    def stream_shards(self, epoch: int, stream: int, rank: int | None = None) -> list[int]:
+        rank = self.rank if rank is None else rank
+        return self._epoch_order(epoch)[rank::self.world_size][stream::self.num_streams]
+
+    def batch_budget(self, epoch: int, stream: int) -> int | None:
+        """Batches stream `stream` yields in `epoch` (None when packing: token counts are not known ahead).
+
+        Every rank gets the smallest rank's total; within a rank it is spread so that no stream is asked
+        for more than its shards hold and the streams stay as even as possible.
+        """
+        if self.pack_length is not None:
+            return None
+        caps = [[sum(self.sizes[i] for i in self.stream_shards(epoch, s, r)) // self.batch_size
+                 for s in range(self.num_streams)] for r in range(self.world_size)]
+        return even_split(min(sum(c) for c in caps), caps[self.rank])[stream]
+
+    def batches_per_epoch(self, epoch: int = 0) -> int | None:
+        """This rank's batches in `epoch` over all its workers (None when packing)."""
+        budgets = [self.batch_budget(epoch, s) for s in range(self.num_streams)]
+        return None if None in budgets else sum(budgets)
+
+    def validate(self) -> None:
+        per_rank = len(self.shards) // self.world_size
+        if per_rank < self.num_streams:
+            raise ValueError(f"{self.shard_dir}: {len(self.shards)} shard(s) over {self.world_size} rank(s) leave "
+                             f"{per_rank} per rank for {self.num_streams} DataLoader workers; every worker needs a "
+                             f"shard: lower data.num_workers or write more, smaller shards")
+        for stream in range(self.num_streams):
+            if self.batch_budget(0, stream) == 0:
+                held = sum(self.sizes[i] for i in self.stream_shards(0, stream))
+                raise ValueError(f"{self.shard_dir}: worker {stream} of rank {self.rank} gets {held} samples, "
+                                 f"not one batch of {self.batch_size}; lower data.num_workers or batch_size")
+
+    # ---- the stream ------------------------------------------------------------------------------------
+    def _batcher(self) -> FixedBatcher | PackedBatcher:
+        if self.pack_length is not None:
+            return PackedBatcher(self.batch_size, self.pack_length, self.pad_id)
+        return FixedBatcher(self.collate, self.batch_size)
+
+    def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+        pos = {"epoch": 0, "shard_index": 0, "emitted": 0, "yielded": 0, "skipped": {}, "last_skip": "",
+               "last_skip_at": -1.0, **(position or {})}
+        pos["skipped"] = Counter(pos["skipped"])
+
+        def snapshot(**changes: Any) -> dict[str, Any]:
+            return {**pos, "skipped": dict(pos["skipped"]), **changes}
+
+        def skip(reason: str, detail: str) -> None:
+            pos["skipped"][reason] += 1
+            pos["last_skip"], pos["last_skip_at"] = detail, time.time()
+
+        while True:
+            shards, budget = self.stream_shards(pos["epoch"], stream), self.batch_budget(pos["epoch"], stream)
+            batcher, fresh_epoch, yielded_before = self._batcher(), pos["shard_index"] == 0 and pos["emitted"] == 0, pos["yielded"]
+            while pos["shard_index"] < len(shards) and (budget is None or pos["yielded"] < budget):
+                path = self.shards[shards[pos["shard_index"]]]
+                reader = ShardReader(path, self.seed * 1_000_003 + pos["epoch"] * 10_007 + shards[pos["shard_index"]],
+                                     self.shuffle_buffer)
+                for group in reader.groups(pos["emitted"]):
+                    before = snapshot()
+                    pos["emitted"] += 1
+                    try:
+                        example = self.process(to_sample(group))
+                    except (ShardSampleError, *SAMPLE_ERRORS) as err:
+                        skip(type(err).__name__, f"{path.name}: {describe(err, group)}")
+                        continue
+                    if not batcher.fits(example):  # packing: close the batch; this example starts the next
+                        pos["yielded"] += 1
+                        yield batcher.flush(), {**before, "yielded": pos["yielded"]}
+                    batcher.add(example)
+                    if batcher.full:
+                        pos["yielded"] += 1
+                        yield batcher.flush(), snapshot()
+                        if budget is not None and pos["yielded"] == budget:
+                            break
+                else:
+                    if reader.error:
+                        skip(reader.error, f"{path}: {reader.error}, the rest of it is left out")
+                    pos["shard_index"], pos["emitted"] = pos["shard_index"] + 1, 0
+            if budget is None and batcher.packed:  # a packed epoch's last, partly filled batch
+                pos["yielded"] += 1
+                yield batcher.flush(), snapshot(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
+            elif fresh_epoch and pos["yielded"] == yielded_before:
+                raise ValueError(f"rank {self.rank} worker {stream}: a whole epoch of {len(shards)} shard(s) in "
+                                 f"{self.shard_dir} gave no batch of {self.batch_size} ({dict(pos['skipped'])} skipped); "
+                                 f"lower data.num_workers or batch_size, or check the skip reasons")
+            pos.update(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
+
+
+def even_split(total: int, caps: list[int]) -> list[int]:
+    """`total` spread over slots holding at most `caps[i]` each, as evenly as possible (earlier slots first)."""
+    if total > sum(caps):
+        raise ValueError(f"cannot place {total} in slots of {caps}")
+    level_low, level_high = 0, max(caps, default=0)
+    while level_low < level_high:  # the highest level L with sum(min(cap, L)) <= total
+        level = (level_low + level_high + 1) // 2
+        if sum(min(c, level) for c in caps) <= total:
+            level_low = level
+        else:
+            level_high = level - 1
+    shares = [min(c, level_low) for c in caps]
+    for i, cap in enumerate(caps):
+        if sum(shares) == total:
+            break
+        if cap > shares[i]:
+            shares[i] += 1
+    return shares

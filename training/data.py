@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from data.manifest import ManifestBatches, read_manifest
-from data.pipeline import ShardBatches
+from data.loader import StreamLoader
+from data.mixture import MixtureStream
+from data.pipeline import ShardStream
 from data.processor import OmniProcessor
 from data.text import ChunkBatches, TextChunks
 from data.tokenizer import CORPUS, train_tokenizer
@@ -53,8 +55,12 @@ def train_stream(config: TrainConfig, model: nn.Module) -> Any:
     processor = processor_for(model, config)
     if data.kind == "shards":
         rank, world = distributed_rank()
-        return ShardBatches(data.shards, processor, processor.collate, data.batch_size, seed=config.seed,
-                            rank=rank, world_size=world)
+        common = dict(process=processor, collate=processor.collate, batch_size=data.batch_size, seed=config.seed,
+                      rank=rank, world_size=world, shuffle_buffer=data.shuffle_buffer,
+                      pack_length=processor.max_length if data.pack else None, pad_id=processor.pad_id)
+        stream = (MixtureStream(data.mixture, **common) if data.mixture else ShardStream(data.shards, **common))
+        return StreamLoader(stream, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
+                            pin_memory=torch.cuda.is_available())
     return ManifestBatches(read_manifest(data.manifest), processor, processor.collate, data.batch_size,
                            seed=config.seed)
 

@@ -81,6 +81,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     model.train()
     progress = tqdm(total=config.steps, initial=step, desc="train", disable=not show_progress, dynamic_ncols=True)
     metrics: dict[str, Any] = {}
+    reported_skips = sum(batches.skipped.values()) if hasattr(batches, "skipped") else 0
     while step < config.steps:
         started = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
@@ -102,6 +103,10 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
                        tokens_per_second=sums["supervised_tokens"] / elapsed, epoch=batches.epoch)
         if hasattr(batches, "skipped"):  # bad samples are skipped, counted and shown, never fatal
             metrics["skipped_samples"] = sum(batches.skipped.values())
+            if metrics["skipped_samples"] > reported_skips:
+                log.log(step, {"event": "skipped", "count": metrics["skipped_samples"], "latest": batches.last_skip})
+                progress.write(f"skipped {metrics['skipped_samples']} bad sample(s) so far; latest: {batches.last_skip}")
+                reported_skips = metrics["skipped_samples"]
         progress.update(1)
         if step == 1 or step % config.log_every == 0 or step == config.steps:
             log.log(step, metrics)

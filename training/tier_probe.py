@@ -51,7 +51,7 @@ def probe_tiers(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ti
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             embeds, kwargs = shared_inputs(model, batch)
             with routing.path(tier):
-                logits = model(inputs_embeds=embeds, **kwargs).logits
+                logits = model(inputs_embeds=embeds, use_cache=False, **kwargs).logits
             logprobs, mask = token_logprobs(logits, batch["labels"])
             predicted = logits[:, :-1].argmax(dim=-1)
             logprob_sum += (logprobs * mask).sum().item()

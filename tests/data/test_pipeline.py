@@ -1,16 +1,18 @@
-"""The shard stream: rank splitting, equal batch counts, exact resume, bad samples skipped and counted."""
+"""The shard stream: rank x worker splitting, equal batch counts, exact resume, bad samples skipped and counted."""
 import io
 import json
+from itertools import islice
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from data.loader import StreamLoader
 from data.media import load_image
-from data.pipeline import ShardBatches, to_sample
+from data.pipeline import ShardStream, even_split, to_sample
 
 
-def write_shards(directory, count=12, per_shard=3, extra=()):
+def write_shards(directory, count=12, per_shard=3, extra=(), sizes_json=True):
     """img2dataset layout (`.jpg` + `.txt` + `.json`) in `count` samples; `extra`: (key, members) groups."""
     directory.mkdir()
     buffer = io.BytesIO()
@@ -24,7 +26,8 @@ def write_shards(directory, count=12, per_shard=3, extra=()):
         for group in groups:
             sink.write(group)
             sizes[sink.fname.split("/")[-1]] = sizes.get(sink.fname.split("/")[-1], 0) + 1
-    (directory / "sizes.json").write_text(json.dumps(sizes))
+    if sizes_json:
+        (directory / "sizes.json").write_text(json.dumps(sizes))
     return directory
 
 
@@ -35,17 +38,15 @@ def keys_only(sample):
     return sample["id"]
 
 
-def stream(directory, rank=0, world_size=1, batch_size=2, seed=0):
-    return ShardBatches(directory, keys_only, list, batch_size, seed=seed, rank=rank, world_size=world_size)
+def loader(directory, rank=0, world_size=1, batch_size=2, seed=0, workers=0, shuffle_buffer=0):
+    dataset = ShardStream(directory, keys_only, list, batch_size, seed=seed, rank=rank, world_size=world_size,
+                          shuffle_buffer=shuffle_buffer)
+    return StreamLoader(dataset, num_workers=workers)
 
 
 def first_epoch(batches):
-    out = []
-    for batch in batches:
-        if batches.epoch > 0:
-            break
-        out.extend(batch)
-    return out
+    """Every key of the rank's first epoch, in order (the epoch's batch count comes from sizes.json)."""
+    return [key for batch in islice(batches, batches.dataset.batches_per_epoch(0)) for key in batch]
 
 
 def test_img2dataset_layout_becomes_caption_samples(tmp_path):
@@ -56,47 +57,92 @@ def test_img2dataset_layout_becomes_caption_samples(tmp_path):
     assert len(sample["images"]) == 1
 
 
+def test_video2dataset_layout_becomes_a_video_caption_sample():
+    sample = to_sample({"__key__": "v1", "mp4": b"video bytes", "txt": b"a dog runs", "json": b"{}"})
+    assert sample["videos"] == [b"video bytes"] and "<video>" in sample["conversation"][0]["content"]
+    assert sample["conversation"][1]["content"] == "a dog runs"
+
+
 def test_two_ranks_see_disjoint_samples_and_equal_batch_counts(tmp_path):
     directory = write_shards(tmp_path / "s", count=12, per_shard=3)
-    seen = [first_epoch(stream(directory, rank=r, world_size=2)) for r in range(2)]
+    seen = [first_epoch(loader(directory, rank=r, world_size=2)) for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 6 and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == [f"s{i:03d}" for i in range(12)]
 
 
-def test_resume_after_k_batches_equals_an_uninterrupted_epoch(tmp_path):
-    directory = write_shards(tmp_path / "s", count=12, per_shard=5)
-    full = first_epoch(stream(directory, batch_size=2, seed=4))
-    interrupted = stream(directory, batch_size=2, seed=4)
-    iterator = iter(interrupted)
-    head = [key for _ in range(3) for key in next(iterator)]
+def test_two_ranks_by_two_workers_cover_the_epoch_exactly_once(tmp_path):
+    directory = write_shards(tmp_path / "s", count=24, per_shard=3)
+    seen = [first_epoch(loader(directory, rank=r, world_size=2, batch_size=1, workers=2, shuffle_buffer=2))
+            for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 12 and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == [f"s{i:03d}" for i in range(24)]
+
+
+def test_uneven_ranks_yield_equal_batch_counts(tmp_path):
+    directory = write_shards(tmp_path / "s", count=10, per_shard=4, sizes_json=False)  # shards of 4, 4, 2
+    counts = [loader(directory, rank=r, world_size=2, batch_size=1).dataset.batches_per_epoch(0) for r in range(2)]
+    assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_k_batches_equals_an_uninterrupted_epoch(tmp_path, workers):
+    directory = write_shards(tmp_path / "s", count=20, per_shard=5)
+    full = first_epoch(loader(directory, batch_size=2, seed=4, workers=workers, shuffle_buffer=3))
+    interrupted = loader(directory, batch_size=2, seed=4, workers=workers, shuffle_buffer=3)
+    head = [key for batch in islice(interrupted, 3) for key in batch]
     state = json.loads(json.dumps(interrupted.state_dict()))
-    resumed = stream(directory, batch_size=2, seed=4)
+    resumed = loader(directory, batch_size=2, seed=4, workers=workers, shuffle_buffer=3)
     resumed.load_state_dict(state)
-    assert head + first_epoch(resumed) == full
+    tail = [key for batch in islice(resumed, len(full) // 2 - 3) for key in batch]
+    assert head + tail == full and sorted(full) == [f"s{i:03d}" for i in range(20)]
+
+
+def test_shuffle_depends_on_seed_and_epoch(tmp_path):
+    directory = write_shards(tmp_path / "s", count=12, per_shard=6)
+    batches = loader(directory, batch_size=1, shuffle_buffer=4)
+    two_epochs = [key for batch in islice(batches, 24) for key in batch]
+    assert sorted(two_epochs[:12]) == sorted(two_epochs[12:]) and two_epochs[:12] != two_epochs[12:]
+    assert first_epoch(loader(directory, batch_size=1, shuffle_buffer=4, seed=1)) != two_epochs[:12]
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     bad = [("corrupt", {"jpg": b"\xff\xd8 not really", "txt": b"broken"}),
            ("nojson", {"jpg": b"\xff\xd8 also bad"})]
     directory = write_shards(tmp_path / "s", count=6, per_shard=4, extra=bad)
-    batches = stream(directory, batch_size=1)
-    keys = first_epoch(batches)
-    assert sorted(keys) == [f"s{i:03d}" for i in range(6)]
-    assert sum(batches.skipped.values()) == 2
+    batches = loader(directory, batch_size=1)
+    keys = [key for batch in islice(batches, 7) for key in batch]  # the epoch, then the next one's first
+    assert sorted(keys[:6]) == [f"s{i:03d}" for i in range(6)]
+    assert sum(batches.skipped.values()) == 2 and "nojson" in batches.last_skip
 
 
 def test_truncated_shard_is_counted_and_the_rest_arrives(tmp_path):
     directory = write_shards(tmp_path / "s", count=8, per_shard=4)
     shard = directory / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:700])
-    batches = stream(directory, batch_size=1)
-    keys = first_epoch(batches)
+    batches = loader(directory, batch_size=1)
+    keys = [key for batch in islice(batches, 5) for key in batch]
     assert {f"s{i:03d}" for i in range(4)} <= set(keys)
     assert any("unreadable shard" in reason for reason in batches.skipped)
+    assert "shard-000001.tar" in batches.last_skip
 
 
-def test_changed_rank_layout_is_refused(tmp_path):
-    directory = write_shards(tmp_path / "s", count=4, per_shard=2)
-    state = stream(directory, rank=0, world_size=2).state_dict()
+def test_changed_layout_is_refused(tmp_path):
+    directory = write_shards(tmp_path / "s", count=8, per_shard=2)
+    state = loader(directory, rank=0, world_size=2).state_dict()
     with pytest.raises(ValueError, match="world_size changed"):
-        stream(directory, rank=0, world_size=1).load_state_dict(state)
+        loader(directory, rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_workers"):
+        loader(directory, rank=0, world_size=2, workers=2).load_state_dict(state)
+
+
+def test_too_few_shards_for_the_workers_is_a_clear_error(tmp_path):
+    directory = write_shards(tmp_path / "s", count=4, per_shard=4)
+    with pytest.raises(ValueError, match="lower data.num_workers"):
+        next(iter(loader(directory, batch_size=1, workers=2)))
+
+
+def test_even_split_respects_caps_and_total():
+    assert even_split(7, [4, 4]) == [4, 3]
+    assert even_split(5, [1, 9, 9]) == [1, 2, 2]
+    with pytest.raises(ValueError):
+        even_split(10, [2, 2])
