@@ -1,0 +1,131 @@
+"""Resampled mode: an endless weighted mixture of shard datasets (image-text, text-only, audio, video, ...).
+
+Each stream (one per rank and DataLoader worker) owns a seeded `random.Random`: for every sample it
+draws a dataset by weight, then takes that dataset's next sample from the shard it has open, opening
+a uniformly drawn shard (with replacement, as webdataset's `resampled=True`) when the open one runs
+out. Streams are seeded by (seed, rank, worker), so they draw independently; there are no epochs,
+only nominal ones (samples drawn / samples in all datasets).
+
+The position is the generator's state plus, per dataset, the open shard and how many of its samples
+were emitted: a restart continues the same draws, exactly.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data.batching import FixedBatcher, PackedBatcher
+from data.loader import ResumableStream
+from data.pipeline import (SAMPLE_ERRORS, ShardReader, ShardSampleError, describe, list_shards, read_sizes,
+                           to_sample)
+
+
+@dataclass
+class MixtureSource:
+    """One dataset of a mixture: a directory of shards and its sampling weight (any positive scale)."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+
+
+class MixtureStream(ResumableStream):
+    """Endless batches drawn from weighted shard datasets; see the module docstring."""
+
+    kind = "mixture"
+
+    def __init__(self, sources: list[MixtureSource], process: Callable[[dict], Any], collate: Callable[[list], Any],
+                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
+                 pack_length: int | None = None, pad_id: int = 0) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("a mixture needs at least one dataset")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"mixture dataset names must be unique, got {names}")
+        for source in sources:
+            if not source.weight > 0:
+                raise ValueError(f"mixture dataset {source.name!r}: weight must be > 0, got {source.weight}")
+        self.sources = sources
+        self.shards = {s.name: list_shards(s.shards) for s in sources}
+        self.total_samples = sum(sum(read_sizes(Path(s.shards), self.shards[s.name])) for s in sources)
+        self.process, self.collate, self.batch_size = process, collate, batch_size
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.pack_length, self.pad_id = pack_length, pad_id
+
+    def identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "shuffle_buffer": self.shuffle_buffer, "packed": self.pack_length is not None,
+                "datasets": {s.name: [str(s.shards), s.weight] for s in self.sources}}
+
+    def epoch_of(self, position: dict[str, Any]) -> int:
+        return sum(position.get("drawn", {}).values()) // max(self.total_samples, 1)
+
+    def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+        rng = random.Random(f"{self.seed}/{self.rank}/{stream}")  # string seeds hash deterministically
+        pos = {"open": {}, "drawn": {}, "skipped": {}, "last_skip": "", "last_skip_at": -1.0, **(position or {})}
+        if position is not None:
+            version, state, gauss = position["rng"]
+            rng.setstate((version, tuple(state), gauss))
+        drawn, skipped = Counter(pos["drawn"]), Counter(pos["skipped"])
+        open_shards = {name: list(entry) for name, entry in pos["open"].items()}  # name -> [shard, seed, emitted]
+        shard_readers: dict[str, ShardReader] = {}
+        readers: dict[str, Iterator[dict[str, Any]]] = {}
+
+        def open_reader(name: str) -> None:
+            shard, shard_seed, emitted = open_shards[name]
+            shard_readers[name] = ShardReader(self.shards[name][shard], shard_seed, self.shuffle_buffer)
+            readers[name] = shard_readers[name].groups(emitted)
+
+        for name in open_shards:
+            open_reader(name)
+        weights = [s.weight for s in self.sources]
+        batcher = (PackedBatcher(self.batch_size, self.pack_length, self.pad_id) if self.pack_length is not None
+                   else FixedBatcher(self.collate, self.batch_size))
+
+        def snapshot() -> dict[str, Any]:
+            version, state, gauss = rng.getstate()
+            return {"rng": [version, list(state), gauss], "open": {k: list(v) for k, v in open_shards.items()},
+                    "drawn": dict(drawn), "skipped": dict(skipped), "last_skip": pos["last_skip"],
+                    "last_skip_at": pos["last_skip_at"]}
+
+        def skip(reason: str, detail: str) -> None:
+            skipped[reason] += 1
+            pos["last_skip"], pos["last_skip_at"] = detail, time.time()
+
+        def next_group(name: str) -> dict[str, Any]:
+            for _ in range(2 * len(self.shards[name]) + 8):  # bounded: a dataset of only broken shards fails loudly
+                if name in readers:
+                    group = next(readers[name], None)
+                    if group is not None:
+                        open_shards[name][2] += 1
+                        return group
+                    reader = shard_readers[name]
+                    if reader.error:
+                        skip(reader.error, f"{reader.path}: {reader.error}, the rest of it is left out")
+                    del readers[name], open_shards[name]
+                open_shards[name] = [rng.randrange(len(self.shards[name])), rng.getrandbits(62), 0]
+                open_reader(name)
+            raise ValueError(f"mixture dataset {name!r}: no readable sample in {len(self.shards[name])} shard(s) of "
+                             f"{self.shards[name][0].parent}")
+
+        while True:
+            before = snapshot()
+            name = rng.choices(self.sources, weights)[0].name
+            group = next_group(name)
+            drawn[name] += 1
+            try:
+                example = self.process(to_sample(group))
+            except (ShardSampleError, *SAMPLE_ERRORS) as err:
+                skip(type(err).__name__, f"{name}: {describe(err, group)}")
+                continue
+            if not batcher.fits(example):
+                yield batcher.flush(), before
+            batcher.add(example)
+            if batcher.full:
+                yield batcher.flush(), snapshot()
