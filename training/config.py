@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data.mixture import MixtureSource
 from training.objectives import ObjectiveConfig
 
 
@@ -39,6 +40,11 @@ class DataConfig:
     tokenizer: str | None = None  # text (multimodal data use the model config's tokenizer)
     manifest: str | None = None  # manifest: JSONL of samples (conversation or caption + media paths)
     shards: str | None = None  # shards: a directory of WebDataset tars (tools/make_shards.py, img2dataset)
+    mixture: list[MixtureSource] = field(default_factory=list)  # shards, resampled: [{name, shards, weight}]
+    num_workers: int = 0  # DataLoader worker processes decoding shards (0: in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    shuffle_buffer: int = 1000  # samples shuffled together inside a shard (0: shard order only)
+    pack: bool = False  # shards: pack several samples per row of the model's max_length (batch_size = rows)
     eval_manifest: str | None = None  # held-out samples for the tier probe
     seq_len: int = 128
     batch_size: int = 16  # micro-batch per device
@@ -47,8 +53,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind == "manifest" and self.manifest is None:
             raise ValueError("data.kind=manifest needs data.manifest (a JSONL file of samples)")
-        if self.kind == "shards" and self.shards is None:
-            raise ValueError("data.kind=shards needs data.shards (a directory of WebDataset .tar shards)")
+        if self.kind == "shards" and (self.shards is None) == (not self.mixture):
+            raise ValueError("data.kind=shards needs exactly one of data.shards (a directory of WebDataset .tar "
+                             "shards, read epoch by epoch) or data.mixture (weighted directories, resampled)")
+        if self.num_workers < 0 or self.prefetch_factor < 1 or self.shuffle_buffer < 0:
+            raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0, data.prefetch_factor >= 1")
+        if self.pack and self.kind != "shards":
+            raise ValueError("data.pack works with data.kind=shards")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from models.registry import Registry
 from models.routing import TierRouting, moe_routers
 from models.tiers import TierConfig, build_tier_plan
 from training.losses import (advantages, expert_rank_loss, load_balance_loss, mean_token_logprob,
-                             next_token_loss, tier_order_agreement, token_logprobs)
+                             next_token_loss, supervised_samples, tier_order_agreement, token_logprobs)
 
 OBJECTIVES: Registry = Registry("objective")
 Backward = Callable[[torch.Tensor], None]
@@ -94,7 +94,9 @@ class TierObjective:
         with torch.set_grad_enabled(training):
             shared, forward_kwargs = shared_inputs(model, batch)
         start = shared.detach().requires_grad_(True) if training and shared.requires_grad else shared
-        mask_tokens = _balance_mask(self.config.balance_tokens, forward_kwargs.get("attention_mask"), labels)
+        mask_tokens = _balance_mask(self.config.balance_tokens, batch)
+        # packed rows: Lbar and the rank loss stay per packed sample, not per row
+        segments = batch["sample_index"][:, 1:] if batch.get("sample_index") is not None else None
         has_targets = (labels[:, 1:] != -100).any()
 
         measure_all = self.num_tiers > 1 and (not training or step % self.config.diag_every == 0)
@@ -105,8 +107,8 @@ class TierObjective:
 
         def term_for(tier: int, logits: torch.Tensor, records) -> torch.Tensor:
             logprobs, mask = token_logprobs(logits, labels)
-            sample_mask = mask.any(dim=-1)
-            lbar[tier] = mean_token_logprob(logprobs, mask)
+            sample_mask = supervised_samples(mask, segments)
+            lbar[tier] = mean_token_logprob(logprobs, mask, segments)
             erl = expert_rank_loss({tier: lbar[tier]}, self.advantages, sample_mask, self.config.rank_loss_floor)
             term = self.config.lambda_erl * erl if self.num_tiers > 1 else torch.zeros((), device=logits.device)
             parts[f"erl_tier{tier}"] = erl.item()
@@ -158,14 +160,14 @@ class TierObjective:
                     if tier not in lbar:
                         logits = self._forward(model, start.detach(), forward_kwargs, tier, record=False,
                                                step=step, token_mask=mask_tokens)
-                        lbar[tier] = mean_token_logprob(*token_logprobs(logits, labels))
+                        lbar[tier] = mean_token_logprob(*token_logprobs(logits, labels), segments)
         if training and start is not shared and start.grad is not None:
             # The shared part (embeddings, encoders) gets the summed gradient of all paths, once. The
             # engine already scaled that gradient (accumulation, loss scale) in the path backwards, so
             # it goes through autograd directly rather than through `backward` a second time.
             torch.autograd.backward(shared, grad_tensors=start.grad)
 
-        sample_mask = (labels[:, 1:] != -100).any(dim=-1)
+        sample_mask = supervised_samples(labels[:, 1:] != -100, segments)
         for tier, value in lbar.items():
             parts[f"logp_tier{tier}"] = (value * sample_mask).sum().item() / max(int(sample_mask.sum()), 1)
         if self.num_tiers > 1:
@@ -194,10 +196,12 @@ class TierObjective:
     # ---- helpers ------------------------------------------------------------------------------------
     def _forward(self, model: nn.Module, embeds: torch.Tensor, kwargs: dict[str, Any], tiers, *, record: bool,
                  step: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+        # use_cache=False: a training forward must not fill a KV cache (memory), and transformers only
+        # derives the packed-sequence mask from position_ids when there is no cache
         if self.routing is None:
-            return model(inputs_embeds=embeds, **kwargs).logits
+            return model(inputs_embeds=embeds, use_cache=False, **kwargs).logits
         with self.routing.path(tiers, record=record, step=step, token_mask=token_mask):
-            return model(inputs_embeds=embeds, **kwargs).logits
+            return model(inputs_embeds=embeds, use_cache=False, **kwargs).logits
 
     def _path_one_records(self, num_tokens: int):
         """Router records of the path-1 rows of a batched forward (they come first)."""
@@ -221,10 +225,15 @@ def shared_inputs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor
     return embeds, kwargs
 
 
-def _balance_mask(kind: str, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
+def _balance_mask(kind: str, batch: dict[str, Any]) -> torch.Tensor | None:
+    """The tokens L_bal averages over: supervised ones, or all real ones (padding is never counted)."""
     if kind == "labels":
-        return (labels != -100).reshape(-1)
-    return attention_mask.bool().reshape(-1) if attention_mask is not None else None
+        return (batch["labels"] != -100).reshape(-1)
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool().reshape(-1)
+    if batch.get("sample_index") is not None:  # packed rows carry no attention_mask
+        return (batch["sample_index"] >= 0).reshape(-1)
+    return None
 
 
 def _expert_load(record, token_mask: torch.Tensor | None) -> torch.Tensor:

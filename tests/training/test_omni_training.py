@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from models.config import from_dict
 from tools.probe_tiers import main as probe_main
@@ -67,9 +68,24 @@ def test_ordmoe_trains_from_webdataset_shards(manifests, tmp_path):
     assert make_shards([str(manifests / "train.jsonl"), str(tmp_path / "shards"), "--max-samples", "3"]) == 0
     config = from_dict(TrainConfig, {
         "model": "configs/models/tiny-omni.yaml", "output_dir": str(tmp_path / "run"), "steps": 2, "log_every": 1,
-        "data": {"kind": "shards", "shards": str(tmp_path / "shards"), "batch_size": 2},
+        "data": {"kind": "shards", "shards": str(tmp_path / "shards"), "batch_size": 2, "num_workers": 2},
         "objective": {"name": "ordmoe"}}, source="test")
     metrics = train(config, show_progress=False)
     assert metrics["skipped_samples"] == 1  # the marker without its image (the corrupt image never got written)
-    state = __import__("torch").load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=True)
-    assert state["data"]["yielded"] == 2
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=True)
+    assert state["data"]["next_stream"] == 0 and sorted(state["data"]["positions"]) == ["0", "1"]
+
+
+def test_ordmoe_trains_on_a_packed_weighted_mixture(manifests, tmp_path):
+    from tools.make_shards import main as make_shards
+    assert make_shards([str(manifests / "train.jsonl"), str(tmp_path / "shards"), "--max-samples", "3"]) == 0
+    mixture = [{"name": "media", "shards": str(tmp_path / "shards"), "weight": 3},
+               {"name": "again", "shards": str(tmp_path / "shards"), "weight": 1}]
+    config = from_dict(TrainConfig, {
+        "model": "configs/models/tiny-omni.yaml", "output_dir": str(tmp_path / "run"), "steps": 3, "log_every": 1,
+        "data": {"kind": "shards", "mixture": mixture, "batch_size": 2, "pack": True},
+        "objective": {"name": "ordmoe", "diag_every": 1}}, source="test")
+    metrics = train(config, show_progress=False)
+    assert metrics["supervised_tokens"] > 0 and 0.0 <= metrics["tier_order_agreement"] <= 1.0
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=True)
+    assert state["data"]["kind"] == "mixture" and sum(state["data"]["positions"]["0"]["drawn"].values()) >= 3
