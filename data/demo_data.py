@@ -1,8 +1,8 @@
 """The demo dataset, built offline in seconds: media with known answers, as shards plus a held-out manifest.
 
 - images drawn with PIL: coloured shapes to count and name, and rendered words to read (OCR-style);
-- audio: the real speech clips of data/assets/ with their reference transcripts, and generated tone
-  sequences ("three beeps");
+- audio: the real speech clips of data/assets/ with their reference transcripts, generated tone
+  sequences ("three beeps"), and synthetic speech from `espeak-ng` when it is installed;
 - videos encoded with PyAV: a square moving left to right or right to left;
 - text-only question/answer pairs.
 The train split is written as WebDataset shards (data/shards.py); the eval split is a JSONL manifest
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import av
@@ -31,6 +32,8 @@ SPEECH = {  # data/assets/LICENSES.txt: reference transcripts
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 WORDS = ["MOE", "TIER", "RANK", "LING", "OMNI", "EXPERT"]
 NUMBERS = ["zero", "one", "two", "three", "four", "five"]
+SENTENCES = ["the red square moves to the left", "three blue circles on a white page", "experts are ranked by score",
+             "the quick brown fox jumps over the lazy dog", "mixture of experts models route every token"]
 
 
 def _turn(question: str, answer: str) -> list[dict[str, str]]:
@@ -64,6 +67,16 @@ def _beeps(path: Path, rng: random.Random) -> tuple[str, str]:
     return "<audio>\nHow many beeps do you hear?", NUMBERS[count]
 
 
+def _espeak_speech(path: Path, rng: random.Random) -> tuple[str, str]:
+    sentence = rng.choice(SENTENCES)
+    try:
+        subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(path), sentence], check=True,
+                       capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"espeak-ng failed on {sentence!r}: {err}") from err
+    return "<audio>\nTranscribe the speech.", sentence
+
+
 def _moving_square(path: Path, rng: random.Random, frames: int = 16) -> tuple[str, str]:
     rightwards = rng.random() < 0.5
     with av.open(str(path), "w") as container:
@@ -89,6 +102,8 @@ def build_demo_data(out_dir: str | Path, samples_per_kind: int = 12, eval_fracti
     records = []
     makers = {"shapes": (_shapes_image, ".png", "image"), "ocr": (_text_image, ".png", "image"),
               "beeps": (_beeps, ".wav", "audio"), "motion": (_moving_square, ".mp4", "video")}
+    if shutil.which("espeak-ng"):
+        makers["tts"] = (_espeak_speech, ".wav", "audio")
     for kind, (make, suffix, field) in makers.items():
         for i in range(samples_per_kind):
             name = f"{kind}_{i:03d}{suffix}"

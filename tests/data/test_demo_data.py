@@ -1,10 +1,13 @@
 import json
+import os
+import shutil
+import sys
 import time
 from itertools import islice
 
-from data.demo_data import build_demo_data
-from data.media import load_audio, load_image, load_video
+from data.demo_data import SENTENCES, build_demo_data
 from data.loader import StreamLoader
+from data.media import load_audio, load_image, load_video
 from data.pipeline import ShardStream
 
 
@@ -14,7 +17,8 @@ def test_demo_data_builds_fast_and_every_file_decodes(tmp_path):
     assert time.perf_counter() - started < 60
     rows = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     rows += [json.loads(line) for line in paths["train"].read_text().splitlines()]
-    assert len(rows) == 4 * 3 + 3 + 4 and all(r["answer"] for r in rows)
+    kinds = 5 if shutil.which("espeak-ng") else 4  # shapes, ocr, beeps, motion (+ tts)
+    assert len(rows) == kinds * 3 + 3 + 4 and all(r["answer"] for r in rows)
     for row in rows:
         if "image" in row:
             assert load_image(tmp_path / row["image"]).size[0] == 224
@@ -27,3 +31,21 @@ def test_demo_data_builds_fast_and_every_file_decodes(tmp_path):
     shards = ShardStream(paths["train_shards"], lambda s: s["id"], list, batch_size=1)
     seen = [key for batch in islice(StreamLoader(shards), shards.batches_per_epoch(0)) for key in batch]
     assert sorted(seen) == sorted(json.loads(line)["id"] for line in paths["train"].read_text().splitlines())
+
+
+def test_espeak_ng_speech_is_added_when_installed(tmp_path, monkeypatch):
+    """A stand-in `espeak-ng` on PATH (same command line, writes a 22.05 kHz WAV as the real one does)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "espeak-ng"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import sys, numpy, soundfile\n"
+                    "args = sys.argv[1:]\n"
+                    "soundfile.write(args[args.index('-w') + 1], numpy.zeros(22050, 'float32'), 22050)\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    paths = build_demo_data(tmp_path / "demo", samples_per_kind=2)
+    rows = [json.loads(line) for split in ("train", "eval") for line in paths[split].read_text().splitlines()]
+    spoken = [r for r in rows if r["id"].startswith("tts-")]
+    assert len(spoken) == 2 and all(r["answer"] in SENTENCES for r in spoken)
+    assert load_audio(tmp_path / "demo" / spoken[0]["audio"]).shape == (16000,)  # resampled to 16 kHz
