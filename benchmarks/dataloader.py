@@ -3,7 +3,8 @@
   image_per_worker : 448-px JPEG decode + Qwen2.5-VL preprocessing + chat tokenization, samples/s
   audio_per_worker : 10-s audio decode (resampled to 16 kHz mono) + Whisper log-mel features, samples/s
   video_decord / video_pyav : 32-frame uniform sampling + decode of the bundled 10-s clip, clips/s
-  data_wait        : share of a tiny-omni OrdMoE training step (demo shards, batch 4) spent in next(batch)
+  data_wait        : share of a tiny-omni OrdMoE training step (demo shards, batch 4) spent in next(batch),
+                     with DataLoader workers (data_wait_inline: decoding in the training process, the naive way)
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def rate(fn, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU, short timings, under a minute")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the data_wait measurement")
     args = parser.parse_args()
     device = pick_device(args.quick)
     seconds = 3.0 if args.quick else 15.0
@@ -73,26 +75,34 @@ def main() -> None:
     data_dir = REPO / "runs" / "bench_demo_data"
     if not (data_dir / "eval.jsonl").is_file():
         build_demo_data(data_dir, samples_per_kind=6)
-    train_config = from_dict(TrainConfig, {"model": str(REPO / "configs/models/tiny-omni.yaml"),
-                                           "data": {"kind": "shards", "shards": str(data_dir / "train_shards"),
-                                                    "batch_size": 4}}, source="benchmark")
     model.to(device).train()
     objective = build_objective(ObjectiveConfig(), model)
-    stream = iter(train_stream(train_config, model))
+    steps = 8 if args.quick else 30
+    inline = data_wait(model, objective, data_dir, device, steps, num_workers=0)
+    workers = data_wait(model, objective, data_dir, device, steps, num_workers=args.workers)
+    print(f"device {device}; decode rates: one process, one thread; data_wait: tiny-omni OrdMoE step (batch 4), "
+          f"{args.workers} DataLoader worker(s) vs decoding in the training process ({inline:.3f})")
+    print(summary_line("dataloader", image_per_worker=image_rate, audio_per_worker=audio_rate,
+                       video_decord=decord_rate, video_pyav=pyav_rate, data_wait=workers, data_wait_inline=inline))
+
+
+def data_wait(model, objective, data_dir, device, steps: int, num_workers: int) -> float:
+    """Share of the training-step wall time spent in next(batch) (the first step, set-up, excluded)."""
+    config = from_dict(TrainConfig, {"model": str(REPO / "configs/models/tiny-omni.yaml"),
+                                     "data": {"kind": "shards", "shards": str(data_dir / "train_shards"),
+                                              "batch_size": 4, "num_workers": num_workers}}, source="benchmark")
+    stream = iter(train_stream(config, model))
     waiting = total = 0.0
-    for step in range(6 if args.quick else 30):
+    for step in range(steps + 1):
         start = time.perf_counter()
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(stream).items()}
         fetched = time.perf_counter()
         objective(model, batch, backward=lambda loss: loss.backward(), step=step + 1)
         model.zero_grad(set_to_none=True)
-        if step:  # the first step pays for one-time set-up
+        if step:
             waiting += fetched - start
             total += time.perf_counter() - start
-    print(f"device {device}; one process, one thread; data_wait over the tiny-omni OrdMoE step (batch 4)")
-    print(summary_line("dataloader", image_per_worker=image_rate, audio_per_worker=audio_rate,
-                       video_decord=decord_rate, video_pyav=pyav_rate, data_wait=waiting / total))
-
+    return waiting / total
 
 if __name__ == "__main__":
     main()
