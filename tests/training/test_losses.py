@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from training.losses import (advantages, expert_rank_loss, mean_token_logprob, next_token_loss,
+from training.losses import (advantages, expert_rank_loss, mean_token_logprob, next_token_loss, supervised_samples,
                              tier_order_agreement, token_logprobs)
 
 
@@ -63,3 +63,16 @@ def test_rank_loss_floor_stops_pushing_the_bottom_tier_down():
     loss = expert_rank_loss({2: lbar_low}, [1.0, -1.0], torch.tensor([True]), floor=-10.0)
     loss.backward()
     assert lbar_low.grad.item() == 0.0
+
+
+def test_packed_segments_give_per_sample_means():
+    """Two rows holding three packed samples: Lbar per sample, as if each had its own row."""
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-5.0, -6.0, -7.0, -8.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False, True], [True, True, True, False]])
+    segments = torch.tensor([[0, 0, 1, 1], [2, 2, 2, -1]])
+    lbar = mean_token_logprob(logprobs, mask, segments)
+    assert lbar.tolist() == [-1.5, -4.0, -6.0]
+    assert supervised_samples(mask, segments).tolist() == [True, True, True]
+    assert supervised_samples(mask & (segments != 1), segments).tolist() == [True, False, True]
+    lbar.sum().backward()
+    assert logprobs.grad[0].tolist() == [0.5, 0.5, 0.0, 1.0]
