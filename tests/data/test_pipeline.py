@@ -146,3 +146,24 @@ def test_even_split_respects_caps_and_total():
     assert even_split(5, [1, 9, 9]) == [1, 2, 2]
     with pytest.raises(ValueError):
         even_split(10, [2, 2])
+
+
+def test_every_kind_of_bad_sample_is_skipped_with_the_real_processor(tmp_path, processor):
+    def conversation(question, answer):
+        return json.dumps({"conversation": [{"role": "user", "content": question},
+                                            {"role": "assistant", "content": answer}]}).encode()
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "blue").save(buffer, format="JPEG")
+    good = [(f"good{i}", {"json": conversation("<image>\nWhat colour?", "Blue."), "jpg": buffer.getvalue()})
+            for i in range(3)]
+    bad = [("corrupt", {"json": conversation("<image>\nWhat colour?", "Blue."), "jpg": b"\xff\xd8 broken"}),
+           ("nojson", {"jpg": buffer.getvalue()}),
+           ("orphan", {"json": conversation("<image>\nWhat colour?", "Blue.")}),
+           ("toolong", {"json": conversation("Repeat.", "word " * (processor.max_length + 10))})]
+    directory = write_shards(tmp_path / "s", count=0, per_shard=8, extra=good + bad)
+    stream = ShardStream(directory, processor, processor.collate, batch_size=1)
+    batches = StreamLoader(stream)
+    ids = [batch["ids"][0] for batch in islice(batches, 4)]  # the epoch's 3 good samples, then epoch 2 begins
+    assert sorted(ids[:3]) == ["good0", "good1", "good2"]
+    assert batches.skipped == {"ShardSampleError": 1, "ProcessorError": 3}  # corrupt, orphan, toolong
