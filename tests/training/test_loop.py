@@ -42,19 +42,6 @@ def _config(tmp_path, corpus, **overrides) -> TrainConfig:
     return from_dict(TrainConfig, data, source="test")
 
 
-@pytest.fixture
-def restore_determinism():
-    """`deterministic: true` flips a process-wide switch; put it back for the other tests."""
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-def weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
-
-
 @pytest.mark.slow
 def test_ordmoe_training_on_real_text_lowers_the_loss_and_reports_tiers(tmp_path, config):
     cfg = config(steps=300, log_every=25, **{"objective.diag_every": 25, "optim.lr": 2e-3,
@@ -69,7 +56,8 @@ def test_ordmoe_training_on_real_text_lowers_the_loss_and_reports_tiers(tmp_path
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
 
 
-def test_crash_mid_training_resumes_to_the_same_weights(tmp_path, config, monkeypatch, restore_determinism):
+def test_crash_mid_training_resumes_to_the_same_weights(tmp_path, config, monkeypatch, restore_determinism,
+                                                        run_weights):
     reference = tmp_path / "reference"
     train(config(reference, save_every=3, deterministic=True), show_progress=False)
 
@@ -90,7 +78,7 @@ def test_crash_mid_training_resumes_to_the_same_weights(tmp_path, config, monkey
     assert latest_checkpoint(crashed / "run").name == "step-00000003"
     train(config(crashed, save_every=3, deterministic=True), show_progress=False)  # resumes from step 3
 
-    expected, resumed = weights(reference / "run"), weights(crashed / "run")
+    expected, resumed = run_weights(reference / "run"), run_weights(crashed / "run")
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
