@@ -122,7 +122,7 @@ def build_demo_data(out_dir: str | Path, samples_per_kind: int = 12, eval_fracti
     held = max(1, int(len(records) * eval_fraction))
     (out / "eval.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records[:held]) + "\n")
     (out / "train.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records[held:]) + "\n")
-    write_shards(out / "train.jsonl", out / "train_shards", max_samples=16, show_progress=False)
+    write_shards(out / "train.jsonl", out / "train_shards", max_samples=16, overwrite=True, show_progress=False)
     (out / "LICENSES.txt").write_text("Generated media: no licence restrictions. Speech clips copied from "
                                       "data/assets/ (see data/assets/LICENSES.txt for their origins and licences).\n")
     return {"train_shards": out / "train_shards", "train": out / "train.jsonl", "eval": out / "eval.jsonl"}

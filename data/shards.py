@@ -10,8 +10,11 @@ their reasons) are written next to the shards.
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +37,34 @@ class ShardStats:
 
 
 def write_shards(manifest: str | Path, out_dir: str | Path, max_samples: int = 1000, max_bytes: int = 1 << 30,
-                 show_progress: bool = True) -> ShardStats:
-    """Write `out_dir/shard-%06d.tar` from `manifest`; returns what was written and what was skipped."""
+                 workers: int = 0, overwrite: bool = False, show_progress: bool = True) -> ShardStats:
+    """Write `out_dir/shard-%06d.tar` from `manifest`; returns what was written and what was skipped.
+
+    `workers` processes read and validate media in parallel; shards are still written in manifest order,
+    so the output does not depend on `workers`. An `out_dir` that already holds shards is refused unless
+    `overwrite` (stale shards of an earlier run would otherwise be read as part of this one).
+    """
     manifest, out = Path(manifest), Path(out_dir)
     if not manifest.is_file():
         raise ManifestError(f"manifest not found: {manifest}")
+    existing = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if existing and not overwrite:
+        raise ManifestError(f"{out} already holds {len(existing)} shard(s); choose another directory or overwrite")
+    for stale in existing + [out / "sizes.json", out / "stats.json"]:
+        stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     stats = ShardStats()
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=max_samples, maxsize=max_bytes, verbose=0) as sink:
-        for number, line in enumerate(tqdm(lines, desc="shards", disable=not show_progress), 1):
-            if not line.strip():
-                continue
-            try:
-                group = _sample_group(json.loads(line), manifest.parent, number)
-            except (json.JSONDecodeError, ManifestError, MediaError, OSError) as err:
-                stats.skipped.append({"line": number, "reason": f"{type(err).__name__}: {err}"})
+    lines = [(number, line) for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    prepare = partial(_prepare, root=manifest.parent)
+    with ExitStack() as stack:
+        sink = stack.enter_context(wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=max_samples,
+                                                   maxsize=max_bytes, verbose=0))
+        pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers)) if workers > 0 else None
+        prepared = pool.imap(prepare, lines, chunksize=8) if pool else map(prepare, lines)
+        for number, group, error in tqdm(prepared, total=len(lines), desc="shards", disable=not show_progress):
+            if error is not None:
+                stats.skipped.append({"line": number, "reason": error})
                 continue
             sink.write(group)
             shard = Path(sink.fname).name
@@ -61,6 +76,15 @@ def write_shards(manifest: str | Path, out_dir: str | Path, max_samples: int = 1
     (out / "stats.json").write_text(json.dumps({"written": stats.written, "modalities": dict(stats.modalities),
                                                 "skipped": stats.skipped}, indent=1))
     return stats
+
+
+def _prepare(numbered_line: tuple[int, str], root: Path) -> tuple[int, dict[str, Any] | None, str | None]:
+    """(line number, tar group or None, reason it was left out or None); runs in the worker processes."""
+    number, line = numbered_line
+    try:
+        return number, _sample_group(json.loads(line), root, number), None
+    except (json.JSONDecodeError, ManifestError, MediaError, OSError) as err:
+        return number, None, f"{type(err).__name__}: {err}"
 
 
 def _sample_group(record: dict[str, Any], root: Path, number: int) -> dict[str, Any]:

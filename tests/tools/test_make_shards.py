@@ -36,3 +36,27 @@ def test_shards_are_readable_by_stock_webdataset_and_bad_media_are_left_out(tmp_
     assert load_audio(by_key["speech"]["aud0.wav"]).ndim == 1
     assert json.loads(by_key["cats"]["json"])["images"] == ["img0.png"]
     assert by_key["video"]["vid0.mp4"] == (assets / "mmaction2_demo_arm_wrestling.mp4").read_bytes()
+
+
+def test_parallel_validation_writes_the_same_shards_and_existing_shards_are_kept(tmp_path, assets, capsys):
+    for name in ("coco_000000039769.png", "LDC93S1.wav"):
+        shutil.copy(assets / name, tmp_path / name)
+    rows = [{"id": f"s{i}", "image": "coco_000000039769.png", "caption": f"Cats {i}."} for i in range(5)]
+    rows += [{"id": "speech", "audio": "LDC93S1.wav", "caption": "She had."}, {"id": "gone", "image": "missing.png",
+                                                                               "caption": "x"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    def read(directory):
+        return [(s["__key__"], sorted(s)) for s in
+                wds.WebDataset(sorted(str(p) for p in directory.glob("*.tar")), shardshuffle=False)]
+
+    assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "serial"), "--max-samples", "2"]) == 0
+    assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "parallel"), "--max-samples", "2", "--workers", "2"]) == 0
+    assert read(tmp_path / "serial") == read(tmp_path / "parallel") and len(read(tmp_path / "serial")) == 6
+    assert (tmp_path / "serial" / "sizes.json").read_text() == (tmp_path / "parallel" / "sizes.json").read_text()
+
+    capsys.readouterr()
+    assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "serial")]) == 2
+    assert "already holds 3 shard(s)" in capsys.readouterr().err
+    assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "serial"), "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "serial").glob("*.tar")) == ["shard-000000.tar"]
