@@ -4,11 +4,13 @@ One sample per line: `{"id"?, "conversation": [{"role", "content"}] | "caption":
 "audio" | "audios", "video" | "videos"}` with media paths relative to the manifest. Samples are decoded
 and processed on the fly; a sample that cannot be (corrupt media, a marker without its media, too long)
 is skipped and counted by reason, never fatal. The stream position is (epoch, samples consumed), so a
-restart continues with the next unseen sample of the same seeded order.
+restart continues with the next unseen sample of the same seeded order (data/loader.py runs it in
+DataLoader workers).
 """
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 
+from data.batching import FixedBatcher, PackedBatcher
+from data.loader import ResumableStream
 from data.media import MediaError
 from data.processor import ProcessorError
 
@@ -68,47 +72,89 @@ def to_sample(record: dict[str, Any], root: Path, where: str) -> dict[str, Any]:
     return sample
 
 
-class ManifestBatches:
-    """Processed, collated batches over a manifest, epoch after epoch, skipping and counting bad samples."""
+class ManifestStream(ResumableStream):
+    """Processed batches over manifest samples, epoch after epoch, split by rank and DataLoader worker.
 
-    def __init__(self, samples: list[dict[str, Any]], process: Callable[[dict], dict], collate: Callable[[list], dict],
-                 batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+    Each epoch has one seeded order; of its `world_size * num_streams` interleaved slices, rank `r`'s
+    worker `w` reads slice `r * num_streams + w`, cut to the length of the shortest slice so every rank
+    yields the same number of batches. The position is (epoch, samples consumed, batches yielded).
+    `drop_last=False` (evaluation) also yields each epoch's last, partial batch.
+    """
+
+    kind = "manifest"
+
+    def __init__(self, samples: list[dict[str, Any]], process: Callable[[dict], Any], collate: Callable[[list], Any],
+                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 drop_last: bool = True, pack_length: int | None = None, pad_id: int = 0) -> None:
+        super().__init__()
         if not samples:
             raise ValueError("the manifest has no samples")
-        self.samples, self.process, self.collate = samples, process, collate
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.epoch, self.position = 0, 0  # position: samples of this epoch already consumed
-        self.skipped: Counter[str] = Counter()  # reason -> count
-        self.last_skip = ""  # the most recent reason, in full (names the sample)
+        self.samples, self.process, self.collate, self.batch_size = samples, process, collate, batch_size
+        self.seed, self.rank, self.world_size, self.shuffle, self.drop_last = seed, rank, world_size, shuffle, drop_last
+        self.pack_length, self.pad_id = pack_length, pad_id
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
+                "packed": self.pack_length is not None, "samples": len(self.samples)}
+
+    def stream_samples(self, epoch: int, stream: int) -> list[int]:
+        """Indices of the samples stream `stream` of this rank reads in `epoch`."""
+        slots = self.world_size * self.num_streams
+        order = (torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                 if self.shuffle else torch.arange(len(self.samples)))
+        return order[self.rank * self.num_streams + stream::slots][: len(self.samples) // slots].tolist()
+
+    def validate(self) -> None:
+        per_stream = len(self.samples) // (self.world_size * self.num_streams)
+        if per_stream < (self.batch_size if self.drop_last and self.pack_length is None else 1):
+            raise ValueError(f"{len(self.samples)} manifest samples over {self.world_size} rank(s) x "
+                             f"{self.num_streams} worker(s) leave {per_stream} per worker, not one batch of "
+                             f"{self.batch_size}; lower data.num_workers or batch_size")
+
+    def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+        pos = {"epoch": 0, "index": 0, "skipped": {}, "last_skip": "", "last_skip_at": -1.0, **(position or {})}
+        pos["skipped"] = Counter(pos["skipped"])
+
+        def snapshot() -> dict[str, Any]:  # the position after a batch; the epoch's last batch points at the next
+            if pos["index"] == len(indices) or (budget is not None and yielded_this_epoch == budget):
+                return {**pos, "epoch": pos["epoch"] + 1, "index": 0, "skipped": dict(pos["skipped"])}
+            return {**pos, "skipped": dict(pos["skipped"])}
+
         while True:
-            order = self._order(self.epoch)
-            examples = []
-            while self.position < len(order):
-                sample = self.samples[int(order[self.position])]
-                self.position += 1
+            indices = self.stream_samples(pos["epoch"], stream)
+            batcher = (PackedBatcher(self.batch_size, self.pack_length, self.pad_id) if self.pack_length is not None
+                       else FixedBatcher(self.collate, self.batch_size))
+            budget = len(indices) // self.batch_size if self.drop_last and self.pack_length is None else None
+            yielded_this_epoch, resumed_mid_epoch = 0, pos["index"] > 0
+            while pos["index"] < len(indices) and (budget is None or yielded_this_epoch < budget):
+                sample = self.samples[indices[pos["index"]]]
+                before = {**pos, "skipped": dict(pos["skipped"])}
+                pos["index"] += 1
                 try:
-                    examples.append(self.process(sample))
+                    example = self.process(sample)
                 except (MediaError, ProcessorError) as err:
-                    self.skipped[type(err).__name__] += 1
-                    self.last_skip = str(err)
+                    pos["skipped"][type(err).__name__] += 1
+                    pos["last_skip"], pos["last_skip_at"] = str(err), time.time()
                     continue
-                if len(examples) == self.batch_size:
-                    yield self.collate(examples)
-                    examples = []
-            self.epoch, self.position = self.epoch + 1, 0  # a ragged tail joins no batch: equal batch shapes
+                if not batcher.fits(example):  # packing: this example opens the next batch
+                    yielded_this_epoch += 1
+                    yield batcher.flush(), before
+                batcher.add(example)
+                if batcher.full:
+                    yielded_this_epoch += 1
+                    yield batcher.flush(), snapshot()
+            if (batcher.examples if isinstance(batcher, FixedBatcher) else batcher.packed) and budget is None:
+                yielded_this_epoch += 1
+                yield batcher.flush(), snapshot()  # the epoch's partial batch (evaluation, packing)
+            if yielded_this_epoch == 0 and not resumed_mid_epoch:
+                raise ValueError(f"rank {self.rank} worker {stream}: a whole manifest epoch gave no batch "
+                                 f"({dict(pos['skipped'])} skipped; latest: {pos['last_skip']})")
+            pos.update(epoch=pos["epoch"] + 1, index=0)
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.samples))
-        return torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "skipped": dict(self.skipped)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"data seed changed since the checkpoint ({state['seed']} -> {self.seed})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.skipped = Counter(state.get("skipped", {}))
+    def one_epoch(self) -> Iterator[Any]:
+        """The first epoch's batches in this process, in order (evaluation)."""
+        self.num_streams = 1
+        for batch, position in self.stream_batches(0, None):
+            yield batch
+            if position["epoch"] > 0:
+                return

@@ -48,21 +48,28 @@ def lm_batch(chunks: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class ChunkBatches:
-    """Shuffled batches of chunks, epoch after epoch, with an exact resumable position."""
+    """Shuffled batches of chunks for one rank, epoch after epoch, with an exact resumable position.
 
-    def __init__(self, chunks: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
-        if batch_size > len(chunks):
-            raise ValueError(f"batch_size={batch_size} is larger than the {len(chunks)} chunks available")
+    Rank `r` of `world_size` takes every `world_size`-th chunk of the epoch's seeded order, cut to the
+    same count on every rank.
+    """
+
+    def __init__(self, chunks: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size * world_size > len(chunks):
+            raise ValueError(f"batch_size={batch_size} x {world_size} rank(s) is more than the {len(chunks)} chunks "
+                             f"available")
         self.chunks, self.batch_size, self.seed, self.shuffle = chunks, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0  # position: batches already taken in this epoch
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.chunks) // self.batch_size  # the ragged tail is dropped: equal batch shapes
+        return len(self.chunks) // self.world_size // self.batch_size  # ragged tail dropped: equal batch shapes
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            order = self._order(self.epoch)
+            order = self._order(self.epoch)[self.rank::self.world_size]
             while self.position < self.batches_per_epoch:
                 start = self.position * self.batch_size
                 self.position += 1
@@ -75,10 +82,11 @@ class ChunkBatches:
         return torch.randperm(len(self.chunks), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"data seed changed since the checkpoint ({state['seed']} -> {self.seed}): "
-                             f"resuming would replay a different order")
+        for key in ("seed", "world_size"):
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(f"data {key} changed since the checkpoint ({state[key]} -> {getattr(self, key)}): "
+                                 f"resuming would replay a different order")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -41,10 +41,10 @@ class DataConfig:
     manifest: str | None = None  # manifest: JSONL of samples (conversation or caption + media paths)
     shards: str | None = None  # shards: a directory of WebDataset tars (tools/make_shards.py, img2dataset)
     mixture: list[MixtureSource] = field(default_factory=list)  # shards, resampled: [{name, shards, weight}]
-    num_workers: int = 0  # DataLoader worker processes decoding shards (0: in the training process)
+    num_workers: int = 0  # DataLoader worker processes decoding samples (0: in the training process)
     prefetch_factor: int = 2  # batches each worker prepares ahead
     shuffle_buffer: int = 1000  # samples shuffled together inside a shard (0: shard order only)
-    pack: bool = False  # shards: pack several samples per row of the model's max_length (batch_size = rows)
+    pack: bool = False  # pack several samples per row of the model's max_length (batch_size = rows)
     eval_manifest: str | None = None  # held-out samples for the tier probe
     seq_len: int = 128
     batch_size: int = 16  # micro-batch per device
@@ -58,8 +58,8 @@ class DataConfig:
                              "shards, read epoch by epoch) or data.mixture (weighted directories, resampled)")
         if self.num_workers < 0 or self.prefetch_factor < 1 or self.shuffle_buffer < 0:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0, data.prefetch_factor >= 1")
-        if self.pack and self.kind != "shards":
-            raise ValueError("data.pack works with data.kind=shards")
+        if self.pack and self.kind == "text":
+            raise ValueError("data.pack works with multimodal data (manifest or shards); text chunks are full already")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.manifest import ManifestBatches, read_manifest
+from data.manifest import ManifestStream, read_manifest
 from data.loader import StreamLoader
 from data.mixture import MixtureStream
 from data.pipeline import ShardStream
@@ -50,19 +50,22 @@ def text_chunks(config: TrainConfig, model: nn.Module) -> TextChunks:
 def train_stream(config: TrainConfig, model: nn.Module) -> Any:
     """The training batch stream `config.data` describes."""
     data = config.data
+    rank, world = distributed_rank()
     if data.kind == "text":
-        return ChunkBatches(text_chunks(config, model).train, data.batch_size, seed=config.seed)
+        return ChunkBatches(text_chunks(config, model).train, data.batch_size, seed=config.seed, rank=rank,
+                            world_size=world)
     processor = processor_for(model, config)
-    if data.kind == "shards":
-        rank, world = distributed_rank()
-        common = dict(process=processor, collate=processor.collate, batch_size=data.batch_size, seed=config.seed,
-                      rank=rank, world_size=world, shuffle_buffer=data.shuffle_buffer,
-                      pack_length=processor.max_length if data.pack else None, pad_id=processor.pad_id)
-        stream = (MixtureStream(data.mixture, **common) if data.mixture else ShardStream(data.shards, **common))
-        return StreamLoader(stream, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
-                            pin_memory=torch.cuda.is_available())
-    return ManifestBatches(read_manifest(data.manifest), processor, processor.collate, data.batch_size,
-                           seed=config.seed)
+    common = dict(process=processor, collate=processor.collate, batch_size=data.batch_size, seed=config.seed,
+                  rank=rank, world_size=world, pack_length=processor.max_length if data.pack else None,
+                  pad_id=processor.pad_id)
+    if data.kind == "manifest":
+        stream = ManifestStream(read_manifest(data.manifest), **common)
+    elif data.mixture:
+        stream = MixtureStream(data.mixture, shuffle_buffer=data.shuffle_buffer, **common)
+    else:
+        stream = ShardStream(data.shards, shuffle_buffer=data.shuffle_buffer, **common)
+    return StreamLoader(stream, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
+                        pin_memory=torch.cuda.is_available())
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -83,10 +86,6 @@ def held_out_batches(config: TrainConfig, model: nn.Module, max_batches: int, ba
         raise ValueError("data.eval_manifest is not set: nothing held out to probe")
     processor = processor_for(model, config)
     samples = read_manifest(data.eval_manifest)
-    stream = ManifestBatches(samples, processor, processor.collate, min(batch_size, len(samples)), shuffle=False)
-    batches = []
-    for batch in stream:
-        if stream.epoch > 0 or len(batches) == max_batches:
-            break
-        batches.append(batch)
-    return batches
+    stream = ManifestStream(samples, processor, processor.collate, min(batch_size, len(samples)), shuffle=False,
+                            drop_last=False)
+    return list(islice(stream.one_epoch(), max_batches))
