@@ -38,6 +38,10 @@ class FixedBatcher:
     def full(self) -> bool:
         return len(self.examples) == self.batch_size
 
+    @property
+    def empty(self) -> bool:
+        return not self.examples
+
     def flush(self) -> Any:
         batch, self.examples = self.collate(self.examples), []
         return batch
@@ -80,10 +84,22 @@ class PackedBatcher:
     def full(self) -> bool:
         return len(self.used) == self.rows and all(used == self.length for used in self.used)
 
+    @property
+    def empty(self) -> bool:
+        return not self.packed
+
     def flush(self) -> dict[str, Any]:
         batch = collate_packed(self.packed, self.pad_id, self.length)
         self.packed, self.used = [], []
         return batch
+
+
+def make_batcher(collate: Callable[[list], Any], batch_size: int, pack_length: int | None = None,
+                 pad_id: int = 0) -> FixedBatcher | PackedBatcher:
+    """Packed rows of `pack_length` tokens when it is set, else `batch_size` examples per batch."""
+    if pack_length is not None:
+        return PackedBatcher(batch_size, pack_length, pad_id)
+    return FixedBatcher(collate, batch_size)
 
 
 def collate_packed(rows: list[list[dict[str, Any]]], pad_id: int, length: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data.batching import FixedBatcher, PackedBatcher
+from data.batching import make_batcher
 from data.loader import ResumableStream
 from data.media import MediaError
 from data.processor import ProcessorError
@@ -122,8 +122,7 @@ class ManifestStream(ResumableStream):
 
         while True:
             indices = self.stream_samples(pos["epoch"], stream)
-            batcher = (PackedBatcher(self.batch_size, self.pack_length, self.pad_id) if self.pack_length is not None
-                       else FixedBatcher(self.collate, self.batch_size))
+            batcher = make_batcher(self.collate, self.batch_size, self.pack_length, self.pad_id)
             budget = len(indices) // self.batch_size if self.drop_last and self.pack_length is None else None
             yielded_this_epoch, resumed_mid_epoch = 0, pos["index"] > 0
             while pos["index"] < len(indices) and (budget is None or yielded_this_epoch < budget):
@@ -143,7 +142,7 @@ class ManifestStream(ResumableStream):
                 if batcher.full:
                     yielded_this_epoch += 1
                     yield batcher.flush(), snapshot()
-            if (batcher.examples if isinstance(batcher, FixedBatcher) else batcher.packed) and budget is None:
+            if budget is None and not batcher.empty:
                 yielded_this_epoch += 1
                 yield batcher.flush(), snapshot()  # the epoch's partial batch (evaluation, packing)
             if yielded_this_epoch == 0 and not resumed_mid_epoch:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.batching import FixedBatcher, PackedBatcher
+from data.batching import make_batcher
 from data.loader import ResumableStream
 from data.pipeline import (SAMPLE_ERRORS, ShardReader, ShardSampleError, describe, list_shards, read_sizes,
                            to_sample)
@@ -85,8 +85,7 @@ class MixtureStream(ResumableStream):
         for name in open_shards:
             open_reader(name)
         weights = [s.weight for s in self.sources]
-        batcher = (PackedBatcher(self.batch_size, self.pack_length, self.pad_id) if self.pack_length is not None
-                   else FixedBatcher(self.collate, self.batch_size))
+        batcher = make_batcher(self.collate, self.batch_size, self.pack_length, self.pad_id)
 
         def snapshot() -> dict[str, Any]:
             version, state, gauss = rng.getstate()

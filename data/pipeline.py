@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from data.batching import FixedBatcher, PackedBatcher
+from data.batching import make_batcher
 from data.loader import ResumableStream
 from data.manifest import CAPTION_PROMPTS
 from data.media import MediaError
@@ -212,11 +212,6 @@ class ShardStream(ResumableStream):
                                  f"not one batch of {self.batch_size}; lower data.num_workers or batch_size")
 
     # ---- the stream ------------------------------------------------------------------------------------
-    def _batcher(self) -> FixedBatcher | PackedBatcher:
-        if self.pack_length is not None:
-            return PackedBatcher(self.batch_size, self.pack_length, self.pad_id)
-        return FixedBatcher(self.collate, self.batch_size)
-
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
         pos = {"epoch": 0, "shard_index": 0, "emitted": 0, "yielded": 0, "skipped": {}, "last_skip": "",
                "last_skip_at": -1.0, **(position or {})}
@@ -231,7 +226,8 @@ class ShardStream(ResumableStream):
 
         while True:
             shards, budget = self.stream_shards(pos["epoch"], stream), self.batch_budget(pos["epoch"], stream)
-            batcher, fresh_epoch, yielded_before = self._batcher(), pos["shard_index"] == 0 and pos["emitted"] == 0, pos["yielded"]
+            batcher = make_batcher(self.collate, self.batch_size, self.pack_length, self.pad_id)
+            fresh_epoch, yielded_before = pos["shard_index"] == 0 and pos["emitted"] == 0, pos["yielded"]
             while pos["shard_index"] < len(shards) and (budget is None or pos["yielded"] < budget):
                 path = self.shards[shards[pos["shard_index"]]]
                 reader = ShardReader(path, self.seed * 1_000_003 + pos["epoch"] * 10_007 + shards[pos["shard_index"]],
@@ -257,12 +253,13 @@ class ShardStream(ResumableStream):
                     if reader.error:
                         skip(reader.error, f"{path}: {reader.error}, the rest of it is left out")
                     pos["shard_index"], pos["emitted"] = pos["shard_index"] + 1, 0
-            if budget is None and batcher.packed:  # a packed epoch's last, partly filled batch
+            if budget is None and not batcher.empty:  # a packed epoch's last, partly filled batch
                 pos["yielded"] += 1
                 yield batcher.flush(), snapshot(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
             elif fresh_epoch and pos["yielded"] == yielded_before:
                 raise ValueError(f"rank {self.rank} worker {stream}: a whole epoch of {len(shards)} shard(s) in "
-                                 f"{self.shard_dir} gave no batch of {self.batch_size} ({dict(pos['skipped'])} skipped); "
+                                 f"{self.shard_dir} gave no batch of {self.batch_size} "
+                                 f"({dict(pos['skipped'])} skipped; latest: {pos['last_skip']}); "
                                  f"lower data.num_workers or batch_size, or check the skip reasons")
             pos.update(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
 

@@ -105,7 +105,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             metrics["skipped_samples"] = sum(batches.skipped.values())
             if metrics["skipped_samples"] > reported_skips:
                 log.log(step, {"event": "skipped", "count": metrics["skipped_samples"], "latest": batches.last_skip})
-                progress.write(f"skipped {metrics['skipped_samples']} bad sample(s) so far; latest: {batches.last_skip}")
+                progress.write(f"skipped {metrics['skipped_samples']} bad sample(s) so far; "
+                               f"latest: {batches.last_skip}")
                 reported_skips = metrics["skipped_samples"]
         progress.update(1)
         if step == 1 or step % config.log_every == 0 or step == config.steps:

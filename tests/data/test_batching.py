@@ -41,7 +41,8 @@ def test_a_sample_longer_than_a_packed_row_names_itself():
 
 def test_padding_forms_its_own_segment():
     batch = collate_packed([[example(3, "a")], [example(5, "b")]], pad_id=0, length=8)
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1] and batch["sample_index"][0].tolist() == [0, 0, 0, -1, -1]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
+    assert batch["sample_index"][0].tolist() == [0, 0, 0, -1, -1]
 
 
 def test_packed_batch_gives_the_same_per_sample_losses_as_padded_rows(tiny_omni, processor, photo, speech):

@@ -3,6 +3,7 @@ import json
 from itertools import islice
 
 import pytest
+import torch
 
 from data.loader import StreamLoader
 from data.manifest import ManifestError, ManifestStream, read_manifest
@@ -59,3 +60,19 @@ def test_bad_samples_are_skipped_counted_and_named():
 def test_one_epoch_keeps_the_partial_last_batch():
     stream = ManifestStream(samples(5), process, list, 2, shuffle=False, drop_last=False)
     assert list(stream.one_epoch()) == [["m00", "m01"], ["m02", "m03"], ["m04"]]
+
+
+def test_packed_manifest_resumes_exactly():
+    def tokens(sample):
+        ids = torch.arange(1 + int(sample["id"][1:]) % 5)
+        return {"id": sample["id"], "input_ids": ids, "labels": ids, "modality_ids": torch.zeros_like(ids)}
+
+    def packed():
+        return StreamLoader(ManifestStream(samples(20), tokens, None, 2, seed=3, pack_length=6), num_workers=2)
+
+    full = [b["ids"] for b in islice(packed(), 10)]
+    first = packed()
+    head = [b["ids"] for b in islice(first, 4)]
+    resumed = packed()
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b["ids"] for b in islice(resumed, 6)] == full

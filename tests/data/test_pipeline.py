@@ -4,6 +4,7 @@ import json
 from itertools import islice
 
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -167,3 +168,28 @@ def test_every_kind_of_bad_sample_is_skipped_with_the_real_processor(tmp_path, p
     ids = [batch["ids"][0] for batch in islice(batches, 4)]  # the epoch's 3 good samples, then epoch 2 begins
     assert sorted(ids[:3]) == ["good0", "good1", "good2"]
     assert batches.skipped == {"ShardSampleError": 1, "ProcessorError": 3}  # corrupt, orphan, toolong
+
+
+def tokens_of(sample):
+    """A stand-in processor giving samples of 1-6 tokens, so packed batches close at varying points."""
+    length = 1 + int(sample["id"][1:]) % 6
+    ids = torch.arange(length)
+    return {"id": sample["id"], "input_ids": ids, "labels": ids, "modality_ids": torch.zeros_like(ids)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_packed_stream_resumes_exactly(tmp_path, workers):
+    directory = write_shards(tmp_path / "s", count=30, per_shard=5)
+
+    def packed():
+        return StreamLoader(ShardStream(directory, tokens_of, None, batch_size=2, seed=1, shuffle_buffer=3,
+                                        pack_length=8), num_workers=workers)
+
+    full = [batch["ids"] for batch in islice(packed(), 12)]
+    interrupted = packed()
+    head = [batch["ids"] for batch in islice(interrupted, 5)]
+    resumed = packed()
+    resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+    assert head + [batch["ids"] for batch in islice(resumed, 7)] == full
+    first_epoch_ids = [key for ids in full for key in ids][:30]
+    assert sorted(first_epoch_ids) == [f"s{i:03d}" for i in range(30)]  # packing loses no sample
