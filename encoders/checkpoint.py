@@ -8,6 +8,7 @@ architecture fields that disagree with the encoder's config are errors that list
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,49 +17,62 @@ from safetensors import safe_open
 from torch import nn
 
 SHOWN = 8  # keys listed in an error before "..."
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the module it is loaded into; the message names the directory and the keys."""
 
 
-def safetensors_files(path: str | Path) -> list[Path]:
-    """The weight files of a checkpoint directory (single file or index of shards)."""
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """key -> safetensors file of a checkpoint directory (a single file, or shards listed in the index)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        absent = [str(f) for f in files if not f.is_file()]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: `weight_map` is not a key -> file mapping")
+        absent = sorted({name for name in weight_map.values() if not (path / name).is_file()})
         if absent:
-            raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(absent)}")
-        return files
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(absent[:SHOWN])}")
+        return {key: path / name for key, name in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as handle:
+            return {key: single for key in handle.keys()}
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def read_tensors(files: dict[str, Path], stored: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for each key of `files` (key -> file), opening each file once; `stored` maps a key to
+    its name inside the file when they differ (a prefix was taken off)."""
+    stored = stored or {}
+    by_file: dict[Path, list[str]] = {}
+    for key, file in files.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as handle:
+            lost = sorted(set(stored.get(k, k) for k in keys) - set(handle.keys()))
+            if lost:
+                raise CheckpointError(f"{file} lacks key(s) its index assigns to it: {', '.join(lost[:SHOWN])}")
+            for key in keys:
+                yield key, handle.get_tensor(stored.get(key, key))
 
 
 def read_prefixed(path: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Tensors under the first of `prefixes` found in the checkpoint, with the prefix removed."""
-    files = safetensors_files(path)
-    keys: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            keys.update({key: file for key in handle.keys()})
+    files = checkpoint_files(path)
     for prefix in prefixes:
-        chosen = {key: file for key, file in keys.items() if key.startswith(prefix)}
+        chosen = {key[len(prefix):]: file for key, file in files.items() if key.startswith(prefix)}
         if chosen:
-            tensors = {}
-            for file in {f for f in chosen.values()}:
-                with safe_open(str(file), framework="pt") as handle:
-                    tensors.update({k[len(prefix):]: handle.get_tensor(k) for k, f in chosen.items() if f == file})
-            return tensors
-    sample = ", ".join(sorted(keys)[:SHOWN])
+            return dict(read_tensors(chosen, {key: prefix + key for key in chosen}))
+    sample = ", ".join(sorted(files)[:SHOWN])
     raise CheckpointError(f"{path}: no keys under {' or '.join(map(repr, prefixes))} (it has e.g. {sample})")
 
 

@@ -27,11 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from encoders.checkpoint import CheckpointError  # one error type for every checkpoint
+from encoders.checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError,  # one error type for every checkpoint
+                                 checkpoint_files, read_tensors)
 
 CONFIG_NAME = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Non-persistent buffers some exporters still write; they are recomputed, never loaded.
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 SHOWN = 8  # offending keys listed in an error
@@ -223,26 +222,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return data.get("llm_config", data)
 
 
-def checkpoint_files(path: str | Path) -> dict[str, Path]:
-    """key -> safetensors file, from the index (sharded) or the single file."""
-    path = Path(path)
-    index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no weight_map")
-        files = {name: path / name for name in set(weight_map.values())}
-        absent = sorted(name for name, file in files.items() if not file.is_file())
-        if absent:
-            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(absent[:SHOWN])}")
-        return {key: path / name for key, name in weight_map.items()}
-    single = path / SINGLE_FILE
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {key: single for key in f.keys()}
-    raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE}")
-
-
 def _read_shapes(files: dict[str, Path], stored: dict[str, str] | None = None) -> dict[str, tuple[int, ...]]:
     """key -> shape from the safetensors headers; `stored` maps a key to its name in the file (prefixes)."""
     stored = stored or {}
@@ -259,17 +238,6 @@ def _read_shapes(files: dict[str, Path], stored: dict[str, str] | None = None) -
             for key in keys:
                 shapes[key] = tuple(f.get_slice(stored.get(key, key)).get_shape())
     return shapes
-
-
-def _read_tensors(files: dict[str, Path], stored: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    stored = stored or {}
-    by_file: dict[Path, list[str]] = {}
-    for key, file in files.items():
-        by_file.setdefault(file, []).append(key)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for key in names:
-                yield key, f.get_tensor(stored.get(key, key))
 
 
 def load_official(path: str | Path, model_class: type, *, prefix: str | None = None, dtype: torch.dtype | None = None,
@@ -299,7 +267,7 @@ def load_official(path: str | Path, model_class: type, *, prefix: str | None = N
     stored = {k: prefix + k for k in files}
     shapes = _read_shapes(files, stored)
     validate(model, shapes, source=str(path) + (f" (keys under {prefix!r})" if prefix else ""))
-    tensors = dict(_read_tensors(files, stored))
+    tensors = dict(read_tensors(files, stored))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("expert_bias") else v
                    for k, v in tensors.items()}
@@ -381,7 +349,7 @@ def save_official(model: nn.Module, path: str | Path, max_shard_size: int | str 
 
 def read_official_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of an official checkpoint directory, by key (for tests and inspection)."""
-    return dict(_read_tensors(checkpoint_files(path)))
+    return dict(read_tensors(checkpoint_files(path)))
 
 
 __all__ = ["CheckpointError", "load_official", "save_official", "to_official", "from_official", "official_layout",

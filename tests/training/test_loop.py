@@ -56,25 +56,13 @@ def test_ordmoe_training_on_real_text_lowers_the_loss_and_reports_tiers(tmp_path
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
 
 
-def test_crash_mid_training_resumes_to_the_same_weights(tmp_path, config, monkeypatch, restore_determinism,
+def test_crash_mid_training_resumes_to_the_same_weights(tmp_path, config, restore_determinism, crash_run,
                                                         run_weights):
     reference = tmp_path / "reference"
     train(config(reference, save_every=3, deterministic=True), show_progress=False)
 
     crashed = tmp_path / "crashed"
-    import training.engine as engine
-    real_step, calls = engine.PlainEngine.step, {"n": 0}
-
-    def failing_step(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated node failure")
-        return real_step(self)
-
-    monkeypatch.setattr(engine.PlainEngine, "step", failing_step)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train(config(crashed, save_every=3, deterministic=True), show_progress=False)
-    monkeypatch.setattr(engine.PlainEngine, "step", real_step)
+    crash_run(lambda: train(config(crashed, save_every=3, deterministic=True), show_progress=False), at_step=5)
     assert latest_checkpoint(crashed / "run").name == "step-00000003"
     train(config(crashed, save_every=3, deterministic=True), show_progress=False)  # resumes from step 3
 

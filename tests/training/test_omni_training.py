@@ -91,11 +91,10 @@ def test_ordmoe_trains_on_a_packed_weighted_mixture(manifests, tmp_path):
     assert state["data"]["kind"] == "mixture" and sum(state["data"]["positions"]["0"]["drawn"].values()) >= 3
 
 
-def test_crash_with_dataloader_workers_resumes_to_the_same_weights(manifests, tmp_path, monkeypatch,
-                                                                   restore_determinism, run_weights):
+def test_crash_with_dataloader_workers_resumes_to_the_same_weights(manifests, tmp_path, restore_determinism,
+                                                                   crash_run, run_weights):
     """Shards read by 2 workers, a crash after step 3: the resumed run sees the same batches, ends bit-equal."""
     from tools.make_shards import main as make_shards
-    import training.engine as engine
     assert make_shards([str(manifests / "train.jsonl"), str(tmp_path / "shards"), "--max-samples", "2"]) == 0
 
     def config(name):
@@ -106,18 +105,7 @@ def test_crash_with_dataloader_workers_resumes_to_the_same_weights(manifests, tm
             "objective": {"name": "ordmoe"}, "optim": {"lr": 1e-3}}, source="test")
 
     train(config("reference"), show_progress=False)
-    real_step, calls = engine.PlainEngine.step, {"n": 0}
-
-    def failing_step(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated node failure")
-        return real_step(self)
-
-    monkeypatch.setattr(engine.PlainEngine, "step", failing_step)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train(config("crashed"), show_progress=False)
-    monkeypatch.setattr(engine.PlainEngine, "step", real_step)
+    crash_run(lambda: train(config("crashed"), show_progress=False), at_step=4)
     train(config("crashed"), show_progress=False)  # resumes from step 3, workers at their saved positions
     expected, resumed = run_weights(tmp_path / "reference"), run_weights(tmp_path / "crashed")
     for name in expected:
