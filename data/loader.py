@@ -101,6 +101,14 @@ class StreamLoader:
         latest = max(self.positions.values(), key=lambda p: p.get("last_skip_at", -1), default={})
         return latest.get("last_skip", "")
 
+    def mixture_shares(self) -> dict[str, float]:
+        """Share of the samples drawn from each dataset so far, over all streams (mixtures; else empty)."""
+        drawn: Counter[str] = Counter()
+        for position in self.positions.values():
+            drawn.update(position.get("drawn", {}))
+        total = sum(drawn.values())
+        return {name: count / total for name, count in sorted(drawn.items())} if total else {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.dataset.kind, "num_streams": self.num_streams, "next_stream": self.next_stream,
                 "positions": {str(k): v for k, v in self.positions.items()}, **self.dataset.identity()}

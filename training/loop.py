@@ -86,8 +86,11 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         started = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
+        waited = 0.0
         for _ in range(config.grad_accum):
+            fetch = time.perf_counter()
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(stream).items()}
+            waited += time.perf_counter() - fetch
             with engine.autocast():
                 result = objective(model, batch, backward=engine.backward, step=step + 1)
             for key, value in {"loss": result.loss, **result.parts}.items():
@@ -99,8 +102,10 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         metrics = {k: sums[k] / counts[k] for k in sums}
         metrics["supervised_tokens"] = sums["supervised_tokens"]
-        metrics.update(lr=engine.lr, grad_norm=grad_norm, step_seconds=elapsed,
+        metrics.update(lr=engine.lr, grad_norm=grad_norm, step_seconds=elapsed, data_wait=waited / elapsed,
                        tokens_per_second=sums["supervised_tokens"] / elapsed, epoch=batches.epoch)
+        if hasattr(batches, "mixture_shares"):  # the mixture as drawn so far, to compare with its weights
+            metrics.update({f"share_{name}": share for name, share in batches.mixture_shares().items()})
         if hasattr(batches, "skipped"):  # bad samples are skipped, counted and shown, never fatal
             metrics["skipped_samples"] = sum(batches.skipped.values())
             if metrics["skipped_samples"] > reported_skips:
@@ -112,7 +117,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         if step == 1 or step % config.log_every == 0 or step == config.steps:
             log.log(step, metrics)
             progress.set_postfix({k: f"{metrics[k]:.3f}" if isinstance(metrics[k], float) else metrics[k]
-                                  for k in ("loss", "ntp", "erl", "tier_order_agreement", "skipped_samples")
+                                  for k in ("loss", "ntp", "erl", "tier_order_agreement", "data_wait",
+                                            "skipped_samples")
                                   if k in metrics})
         if (config.save_every and step % config.save_every == 0) or step == config.steps:
             save_checkpoint(output_dir, step, model,

@@ -41,6 +41,8 @@ def test_samples_follow_the_mixture_weights(sources):
     assert abs(shares["a"] / 3000 - 0.5) < 0.03 and abs(shares["b"] / 3000 - 0.3) < 0.03
     assert abs(shares["c"] / 3000 - 0.2) < 0.03
     assert batches.epoch == 3000 // 28  # nominal epochs: samples drawn / samples in all datasets
+    assert batches.mixture_shares() == {"audio": shares["c"] / 3000, "image_text": shares["a"] / 3000,
+                                        "text": shares["b"] / 3000}
 
 
 def test_ranks_draw_different_streams(sources):

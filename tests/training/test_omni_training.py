@@ -87,6 +87,7 @@ def test_ordmoe_trains_on_a_packed_weighted_mixture(manifests, tmp_path):
         "objective": {"name": "ordmoe", "diag_every": 1}}, source="test")
     metrics = train(config, show_progress=False)
     assert metrics["supervised_tokens"] > 0 and 0.0 <= metrics["tier_order_agreement"] <= 1.0
+    assert metrics["share_media"] + metrics["share_again"] == pytest.approx(1.0) and 0 <= metrics["data_wait"] < 1
     state = torch.load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=True)
     assert state["data"]["kind"] == "mixture" and sum(state["data"]["positions"]["0"]["drawn"].values()) >= 3
 
