@@ -97,6 +97,7 @@ def read_sizes(shard_dir: Path, shards: list[Path]) -> list[int]:
 
 
 def list_shards(shard_dir: str | Path) -> list[Path]:
+    """The `*.tar` files of a directory, sorted; a missing or empty directory is a clear error."""
     shard_dir = Path(shard_dir)
     if not shard_dir.is_dir():
         raise FileNotFoundError(f"shard directory not found: {shard_dir}")
@@ -109,7 +110,8 @@ def list_shards(shard_dir: str | Path) -> list[Path]:
 class ShardReader:
     """The groups of one shard through a seeded shuffle buffer, resumable after `emitted` groups.
 
-    `skipped` and `note_skip` are the caller's counters: bad groups are counted where they are used.
+    A truncated or corrupt tar ends the groups early and sets `error`; the caller counts it. Resuming
+    re-reads the tar from its start (without decoding any media) to replay the same shuffle.
     """
 
     def __init__(self, path: Path, seed: int, shuffle_buffer: int) -> None:
