@@ -207,11 +207,9 @@ class ShardStream(ResumableStream):
             raise ValueError(f"{self.shard_dir}: {len(self.shards)} shard(s) over {self.world_size} rank(s) leave "
                              f"{per_rank} per rank for {self.num_streams} DataLoader workers; every worker needs a "
                              f"shard: lower data.num_workers or write more, smaller shards")
-        for stream in range(self.num_streams):
-            if self.batch_budget(0, stream) == 0:
-                held = sum(self.sizes[i] for i in self.stream_shards(0, stream))
-                raise ValueError(f"{self.shard_dir}: worker {stream} of rank {self.rank} gets {held} samples, "
-                                 f"not one batch of {self.batch_size}; lower data.num_workers or batch_size")
+        if self.batches_per_epoch(0) == 0:
+            raise ValueError(f"{self.shard_dir}: rank {self.rank} of {self.world_size} gets fewer samples than one "
+                             f"batch of {self.batch_size} per worker; lower data.num_workers or batch_size")
 
     # ---- the stream ------------------------------------------------------------------------------------
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -226,8 +224,17 @@ class ShardStream(ResumableStream):
             pos["skipped"][reason] += 1
             pos["last_skip"], pos["last_skip_at"] = detail, time.time()
 
+        empty_epochs = 0
         while True:
             shards, budget = self.stream_shards(pos["epoch"], stream), self.batch_budget(pos["epoch"], stream)
+            if budget == 0:  # this epoch's shards hold less than a batch for this worker: the next epoch's may not
+                empty_epochs += 1
+                if empty_epochs == 100:
+                    raise ValueError(f"{self.shard_dir}: worker {stream} of rank {self.rank} got less than one batch "
+                                     f"of {self.batch_size} in 100 epochs in a row; lower data.num_workers")
+                pos.update(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
+                continue
+            empty_epochs = 0
             batcher = make_batcher(self.collate, self.batch_size, self.pack_length, self.pad_id)
             fresh_epoch, yielded_before = pos["shard_index"] == 0 and pos["emitted"] == 0, pos["yielded"]
             while pos["shard_index"] < len(shards) and (budget is None or pos["yielded"] < budget):

@@ -193,3 +193,12 @@ def test_packed_stream_resumes_exactly(tmp_path, workers):
     assert head + [batch["ids"] for batch in islice(resumed, 7)] == full
     first_epoch_ids = [key for ids in full for key in ids][:30]
     assert sorted(first_epoch_ids) == [f"s{i:03d}" for i in range(30)]  # packing loses no sample
+
+
+def test_a_worker_with_less_than_a_batch_in_an_epoch_moves_on(tmp_path):
+    directory = write_shards(tmp_path / "s", count=13, per_shard=4)  # shards of 4, 4, 4 and 1
+    batches = loader(directory, batch_size=2, workers=2, world_size=2, rank=0)
+    budgets = [[batches.dataset.batch_budget(epoch, s) for s in range(2)] for epoch in range(6)]
+    assert [0, 2] in budgets or [2, 0] in budgets  # the 1-sample shard leaves a worker nothing in some epoch
+    keys = [key for batch in islice(batches, 12) for key in batch]
+    assert len(keys) == 24 and set(keys) <= {f"s{i:03d}" for i in range(13)}
