@@ -61,11 +61,12 @@ class StreamLoader:
     """Batches of a `ResumableStream` through `num_workers` DataLoader workers (0: in this process)."""
 
     def __init__(self, dataset: ResumableStream, num_workers: int = 0, prefetch_factor: int = 2,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, timeout_s: float = 0) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.dataset, self.num_workers = dataset, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.timeout_s = timeout_s if num_workers else 0  # a stuck worker (e.g. a hung decoder) fails the run
         self.num_streams = dataset.num_streams = max(1, num_workers)
         self.positions: dict[int, dict[str, Any]] = {}
         self.next_stream = 0
@@ -76,8 +77,17 @@ class StreamLoader:
         self.dataset.validate()
         loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            pin_memory=self.pin_memory, persistent_workers=False)
-        for stream, batch, position in loader:
+                            pin_memory=self.pin_memory, persistent_workers=False, timeout=self.timeout_s)
+        batches = iter(loader)
+        while True:
+            try:
+                stream, batch, position = next(batches)
+            except RuntimeError as err:
+                if "timed out" not in str(err):
+                    raise
+                raise RuntimeError(f"no batch from data worker {self.next_stream} in {self.timeout_s:g} s: a sample "
+                                   f"may have hung its decoder; the run can resume from its last checkpoint "
+                                   f"(raise data.timeout_s if batches are just slow)") from err
             self.positions[stream] = position
             self.next_stream = (stream + 1) % self.num_streams
             yield batch

@@ -43,6 +43,7 @@ class DataConfig:
     mixture: list[MixtureSource] = field(default_factory=list)  # shards, resampled: [{name, shards, weight}]
     num_workers: int = 0  # DataLoader worker processes decoding samples (0: in the training process)
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    timeout_s: float = 600  # with workers: fail (resumably) when no batch comes for this long; 0 waits forever
     shuffle_buffer: int = 1000  # samples shuffled together inside a shard (0: shard order only)
     pack: bool = False  # pack several samples per row of the model's max_length (batch_size = rows)
     eval_manifest: str | None = None  # held-out samples for the tier probe
@@ -56,8 +57,9 @@ class DataConfig:
         if self.kind == "shards" and (self.shards is None) == (not self.mixture):
             raise ValueError("data.kind=shards needs exactly one of data.shards (a directory of WebDataset .tar "
                              "shards, read epoch by epoch) or data.mixture (weighted directories, resampled)")
-        if self.num_workers < 0 or self.prefetch_factor < 1 or self.shuffle_buffer < 0:
-            raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0, data.prefetch_factor >= 1")
+        if self.num_workers < 0 or self.prefetch_factor < 1 or self.shuffle_buffer < 0 or self.timeout_s < 0:
+            raise ValueError("data.num_workers, data.shuffle_buffer and data.timeout_s must be >= 0, "
+                             "data.prefetch_factor >= 1")
         if self.pack and self.kind == "text":
             raise ValueError("data.pack works with multimodal data (manifest or shards); text chunks are full already")
 

@@ -65,7 +65,7 @@ def train_stream(config: TrainConfig, model: nn.Module) -> Any:
     else:
         stream = ShardStream(data.shards, shuffle_buffer=data.shuffle_buffer, **common)
     return StreamLoader(stream, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), timeout_s=data.timeout_s)
 
 
 def distributed_rank() -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """JSONL manifests: parsing errors name the line; the stream splits by rank x worker and resumes exactly."""
 import json
+import time
 from itertools import islice
 
 import pytest
@@ -76,3 +77,17 @@ def test_packed_manifest_resumes_exactly():
     resumed = packed()
     resumed.load_state_dict(first.state_dict())
     assert head + [b["ids"] for b in islice(resumed, 6)] == full
+
+
+def hangs_on_m03(sample):
+    if sample["id"] == "m03":
+        time.sleep(6)  # a decoder that hangs (for longer than the timeout)
+    return sample["id"]
+
+
+def test_a_hung_worker_fails_with_an_actionable_error():
+    stream = ManifestStream(samples(8), hangs_on_m03, list, 1, shuffle=False)
+    batches = StreamLoader(stream, num_workers=1, timeout_s=1)
+    with pytest.raises(RuntimeError, match="no batch from data worker 0 in 1 s.*data.timeout_s"):
+        list(islice(batches, 8))
+    assert batches.positions[0]["index"] == 3  # the last good batch, from which a resume would start
