@@ -81,7 +81,7 @@ def test_packed_manifest_resumes_exactly():
 
 def hangs_on_m03(sample):
     if sample["id"] == "m03":
-        time.sleep(6)  # a decoder that hangs (for longer than the timeout)
+        time.sleep(3)  # a decoder that hangs (for longer than the timeout)
     return sample["id"]
 
 
