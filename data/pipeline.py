@@ -87,13 +87,22 @@ def count_samples(shard: Path) -> int:
 
 
 def read_sizes(shard_dir: Path, shards: list[Path]) -> list[int]:
-    """Samples per shard: `sizes.json` where it names the shard, else counted from the tar headers."""
+    """Samples per shard: from `sizes.json` (ours), else img2dataset / video2dataset's `<shard>_stats.json`
+    (`successes`), else counted from the tar headers."""
     sizes_file = shard_dir / "sizes.json"
     try:
         sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
     except json.JSONDecodeError as err:
         raise ValueError(f"{sizes_file} is not valid JSON ({err}); delete it to count samples from the tars")
-    return [int(sizes[s.name]) if s.name in sizes else count_samples(s) for s in shards]
+    return [int(sizes[s.name]) if s.name in sizes else _tool_stats_size(s) or count_samples(s) for s in shards]
+
+
+def _tool_stats_size(shard: Path) -> int | None:
+    stats = shard.with_name(f"{shard.stem}_stats.json")
+    try:
+        return int(json.loads(stats.read_text())["successes"]) if stats.is_file() else None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None  # not the layout we know: count the tar instead
 
 
 def list_shards(shard_dir: str | Path) -> list[Path]:

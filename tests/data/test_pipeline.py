@@ -202,3 +202,13 @@ def test_a_worker_with_less_than_a_batch_in_an_epoch_moves_on(tmp_path):
     assert [0, 2] in budgets or [2, 0] in budgets  # the 1-sample shard leaves a worker nothing in some epoch
     keys = [key for batch in islice(batches, 12) for key in batch]
     assert len(keys) == 24 and set(keys) <= {f"s{i:03d}" for i in range(13)}
+
+
+def test_sample_counts_come_from_img2dataset_stats_files(tmp_path):
+    directory = write_shards(tmp_path / "s", count=10, per_shard=4, sizes_json=False)  # shards of 4, 4, 2
+    (directory / "shard-000000_stats.json").write_text(json.dumps({"count": 5, "successes": 4, "failed": 1}))
+    (directory / "shard-000001_stats.json").write_text("{not json")
+    stream = ShardStream(directory, keys_only, list, 1)
+    assert stream.sizes == [4, 4, 2]
+    (directory / "shard-000002_stats.json").write_text(json.dumps({"successes": 1}))  # the stats file wins
+    assert ShardStream(directory, keys_only, list, 1).sizes == [4, 4, 1]
