@@ -45,8 +45,9 @@ def test_padding_forms_its_own_segment():
     assert batch["sample_index"][0].tolist() == [0, 0, 0, -1, -1]
 
 
-def test_packed_batch_gives_the_same_per_sample_losses_as_padded_rows(tiny_omni, processor, photo, speech):
-    model, _ = tiny_omni
+@pytest.fixture
+def padded_and_packed(processor, photo, speech):
+    """Image, audio and text samples as one padded batch and as two packed rows."""
     samples = [
         {"id": "photo", "images": [photo], "conversation": [{"role": "user", "content": "<image>\nHow many cats?"},
                                                             {"role": "assistant", "content": "Two cats on a sofa."}]},
@@ -58,16 +59,39 @@ def test_packed_batch_gives_the_same_per_sample_losses_as_padded_rows(tiny_omni,
     examples = [processor(s) for s in samples]
     for e in examples:  # the packed collate drops each sample's first label; do the same for the padded rows
         e["labels"][0] = -100
-    padded = processor.collate(examples)
-    length = sum(len(e["input_ids"]) for e in examples[:2])
-    packer = PackedBatcher(rows=2, length=length, pad_id=processor.pad_id)
+    packer = PackedBatcher(rows=2, length=sum(len(e["input_ids"]) for e in examples[:2]), pad_id=processor.pad_id)
     for e in examples:
         packer.add(e)
     packed = packer.flush()
     assert packed["input_ids"].shape[0] == 2 and packed["ids"] == ["photo", "speech", "text"]
+    return processor.collate(examples), packed
 
-    objective = build_objective(from_dict(ObjectiveConfig, {"name": "ordmoe", "tiers": {"num_tiers": 3}}), model)
+
+def ordmoe(model, execution="sequential"):
+    config = {"name": "ordmoe", "tiers": {"num_tiers": 3}, "execution": execution}
+    return build_objective(from_dict(ObjectiveConfig, config), model)
+
+
+@pytest.mark.parametrize("execution", ["sequential", "batched"])
+def test_packed_batch_gives_the_same_per_sample_losses_as_padded_rows(tiny_omni, padded_and_packed, execution):
+    model, _ = tiny_omni
+    padded, packed = padded_and_packed
+    objective = ordmoe(model, execution)
     with torch.no_grad():
         reference, result = objective(model, padded), objective(model, packed)
     for key in ("logp_tier1", "logp_tier2", "logp_tier3", "ntp", "erl", "bal", "supervised_tokens"):
         assert result.parts[key] == pytest.approx(reference.parts[key], rel=1e-4, abs=1e-5), key
+
+
+def test_packed_batch_gives_the_same_gradients_as_padded_rows(tiny_omni, padded_and_packed):
+    model, _ = tiny_omni
+    padded, packed = padded_and_packed
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad(set_to_none=True)
+        ordmoe(model)(model, batch, backward=lambda loss: loss.backward(), step=1)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("vision.") for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
