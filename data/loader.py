@@ -61,12 +61,13 @@ class StreamLoader:
     """Batches of a `ResumableStream` through `num_workers` DataLoader workers (0: in this process)."""
 
     def __init__(self, dataset: ResumableStream, num_workers: int = 0, prefetch_factor: int = 2,
-                 pin_memory: bool = False, timeout_s: float = 0) -> None:
+                 pin_memory: bool = False, timeout_s: float = 0, start_method: str | None = None) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.dataset, self.num_workers = dataset, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.timeout_s = timeout_s if num_workers else 0  # a stuck worker (e.g. a hung decoder) fails the run
+        self.start_method = start_method  # None: the platform's default (fork on Linux, spawn on macOS)
         self.num_streams = dataset.num_streams = max(1, num_workers)
         self.positions: dict[int, dict[str, Any]] = {}
         self.next_stream = 0
@@ -77,7 +78,8 @@ class StreamLoader:
         self.dataset.validate()
         loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            pin_memory=self.pin_memory, persistent_workers=False, timeout=self.timeout_s)
+                            pin_memory=self.pin_memory, persistent_workers=False, timeout=self.timeout_s,
+                            multiprocessing_context=self.start_method if self.num_workers else None)
         batches = iter(loader)
         while True:
             try:

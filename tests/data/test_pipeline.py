@@ -212,3 +212,14 @@ def test_sample_counts_come_from_img2dataset_stats_files(tmp_path):
     assert stream.sizes == [4, 4, 2]
     (directory / "shard-000002_stats.json").write_text(json.dumps({"successes": 1}))  # the stats file wins
     assert ShardStream(directory, keys_only, list, 1).sizes == [4, 4, 1]
+
+
+def test_the_real_processor_runs_in_spawned_workers(tmp_path, processor):
+    """spawn (macOS) and forkserver (Python 3.14's Linux default) pickle the stream into each worker."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "blue").save(buffer, format="JPEG")
+    groups = [(f"g{i}", {"jpg": buffer.getvalue(), "txt": b"A blue square."}) for i in range(4)]
+    directory = write_shards(tmp_path / "s", count=0, per_shard=2, extra=groups)
+    stream = ShardStream(directory, processor, processor.collate, batch_size=2)
+    batch = next(iter(StreamLoader(stream, num_workers=1, start_method="spawn")))
+    assert batch["pixel_values"].shape[0] > 0 and len(batch["ids"]) == 2
