@@ -39,6 +39,9 @@ MEDIA_KINDS = {"img": "images", "jpg": "images", "jpeg": "images", "png": "image
                "aud": "audios", "wav": "audios", "flac": "audios", "mp3": "audios",
                "vid": "videos", "mp4": "videos", "mkv": "videos", "webm": "videos"}
 SAMPLE_ERRORS = (MediaError, ProcessorError, json.JSONDecodeError, UnicodeDecodeError)
+# The shuffle buffer also stops growing at this many raw sample bytes per worker: 1000 video samples of a
+# few MB each would otherwise hold gigabytes in every worker.
+SHUFFLE_BUFFER_BYTES = 256 << 20
 
 
 class ShardSampleError(ValueError):
@@ -123,9 +126,10 @@ class ShardReader:
     re-reads the tar from its start (without decoding any media) to replay the same shuffle.
     """
 
-    def __init__(self, path: Path, seed: int, shuffle_buffer: int) -> None:
-        self.path, self.seed, self.shuffle_buffer = path, seed, shuffle_buffer
+    def __init__(self, path: Path, seed: int, shuffle_buffer: int, max_buffer_bytes: int = SHUFFLE_BUFFER_BYTES) -> None:
+        self.path, self.seed, self.shuffle_buffer, self.max_buffer_bytes = path, seed, shuffle_buffer, max_buffer_bytes
         self.error: str | None = None  # set when the tar turned out truncated or corrupt
+        self.peak_buffer_bytes = 0
 
     def _raw(self) -> Iterator[dict[str, Any]]:
         dataset = wds.WebDataset(str(self.path), shardshuffle=False, empty_check=False,
@@ -148,16 +152,24 @@ class ShardReader:
                 yield group
 
     def _shuffled(self) -> Iterator[dict[str, Any]]:
-        rng, buffer = random.Random(self.seed), []
+        rng, buffer, held = random.Random(self.seed), [], 0
         for group in self._raw():
-            if len(buffer) < self.shuffle_buffer:
+            held += _group_bytes(group)
+            self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
+            if len(buffer) < self.shuffle_buffer and held <= self.max_buffer_bytes:
                 buffer.append(group)
                 continue
-            index = rng.randrange(len(buffer))
-            buffer[index], group = group, buffer[index]
+            index = rng.randrange(len(buffer)) if buffer else 0
+            if buffer:
+                buffer[index], group = group, buffer[index]
+            held -= _group_bytes(group)
             yield group
         rng.shuffle(buffer)
         yield from buffer
+
+
+def _group_bytes(group: dict[str, Any]) -> int:
+    return sum(len(value) for value in group.values() if isinstance(value, bytes))
 
 
 class ShardStream(ResumableStream):

@@ -44,7 +44,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes decoding samples (0: in the training process)
     prefetch_factor: int = 2  # batches each worker prepares ahead
     timeout_s: float = 600  # with workers: fail (resumably) when no batch comes for this long; 0 waits forever
-    shuffle_buffer: int = 1000  # samples shuffled together inside a shard (0: shard order only)
+    shuffle_buffer: int = 1000  # samples shuffled together inside a shard, at most 256 MiB (0: shard order)
     pack: bool = False  # pack several samples per row of the model's max_length (batch_size = rows)
     eval_manifest: str | None = None  # held-out samples for the tier probe
     seq_len: int = 128

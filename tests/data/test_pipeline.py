@@ -10,7 +10,7 @@ from PIL import Image
 
 from data.loader import StreamLoader
 from data.media import load_image
-from data.pipeline import ShardStream, even_split, to_sample
+from data.pipeline import ShardReader, ShardStream, even_split, to_sample
 
 
 def write_shards(directory, count=12, per_shard=3, extra=(), sizes_json=True):
@@ -223,3 +223,15 @@ def test_the_real_processor_runs_in_spawned_workers(tmp_path, processor):
     stream = ShardStream(directory, processor, processor.collate, batch_size=2)
     batch = next(iter(StreamLoader(stream, num_workers=1, start_method="spawn")))
     assert batch["pixel_values"].shape[0] > 0 and len(batch["ids"]) == 2
+
+
+def test_the_shuffle_buffer_is_bounded_in_bytes(tmp_path):
+    big = [(f"v{i}", {"mp4": bytes(1000), "txt": b"a clip"}) for i in range(20)]
+    directory = write_shards(tmp_path / "s", count=0, per_shard=20, extra=big)
+    shard = directory / "shard-000000.tar"
+    unbounded, bounded = ShardReader(shard, 0, 100), ShardReader(shard, 0, 100, max_buffer_bytes=5000)
+    keys = [[g["__key__"] for g in reader.groups()] for reader in (unbounded, bounded)]
+    assert sorted(keys[0]) == sorted(keys[1]) == sorted(f"v{i}" for i in range(20)) and keys[0] != keys[1]
+    assert unbounded.peak_buffer_bytes > 19_000 and bounded.peak_buffer_bytes <= 5000 + 1006
+    resumed = [g["__key__"] for g in ShardReader(shard, 0, 100, max_buffer_bytes=5000).groups(emitted=7)]
+    assert resumed == keys[1][7:]
