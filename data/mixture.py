@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from data.batching import make_batcher
@@ -27,7 +26,8 @@ from data.pipeline import (SAMPLE_ERRORS, ShardReader, ShardSampleError, describ
 
 @dataclass
 class MixtureSource:
-    """One dataset of a mixture: a directory of shards and its sampling weight (any positive scale)."""
+    """One dataset of a mixture: a directory (or brace pattern of URLs) of shards and its sampling weight
+    (any positive scale)."""
 
     name: str
     shards: str
@@ -53,7 +53,8 @@ class MixtureStream(ResumableStream):
                 raise ValueError(f"mixture dataset {source.name!r}: weight must be > 0, got {source.weight}")
         self.sources = sources
         self.shards = {s.name: list_shards(s.shards) for s in sources}
-        self.total_samples = sum(sum(read_sizes(Path(s.shards), self.shards[s.name])) for s in sources)
+        sizes = [read_sizes(s.shards, self.shards[s.name]) for s in sources]
+        self.total_samples = None if None in sizes else sum(map(sum, sizes))  # None: remote shards, no epochs
         self.process, self.collate, self.batch_size = process, collate, batch_size
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
         self.pack_length, self.pad_id = pack_length, pad_id
@@ -64,7 +65,9 @@ class MixtureStream(ResumableStream):
                 "datasets": {s.name: [str(s.shards), s.weight] for s in self.sources}}
 
     def epoch_of(self, position: dict[str, Any]) -> int:
-        return sum(position.get("drawn", {}).values()) // max(self.total_samples, 1)
+        if not self.total_samples:
+            return 0
+        return sum(position.get("drawn", {}).values()) // self.total_samples
 
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
         rng = random.Random(f"{self.seed}/{self.rank}/{stream}")  # string seeds hash deterministically
@@ -110,8 +113,9 @@ class MixtureStream(ResumableStream):
                     del readers[name], open_shards[name]
                 open_shards[name] = [rng.randrange(len(self.shards[name])), rng.getrandbits(62), 0]
                 open_reader(name)
+            source = next(s.shards for s in self.sources if s.name == name)
             raise ValueError(f"mixture dataset {name!r}: no readable sample in {len(self.shards[name])} shard(s) of "
-                             f"{self.shards[name][0].parent}")
+                             f"{source}")
 
         while True:
             before = snapshot()

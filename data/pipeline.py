@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import webdataset as wds
+from braceexpand import braceexpand
 
 from data.batching import make_batcher
 from data.loader import ResumableStream
@@ -89,15 +90,18 @@ def count_samples(shard: Path) -> int:
     return len(keys)
 
 
-def read_sizes(shard_dir: Path, shards: list[Path]) -> list[int]:
-    """Samples per shard: from `sizes.json` (ours), else img2dataset / video2dataset's `<shard>_stats.json`
-    (`successes`), else counted from the tar headers."""
-    sizes_file = shard_dir / "sizes.json"
+def read_sizes(source: str | Path, shards: list[str]) -> list[int] | None:
+    """Samples per shard of a local directory: from `sizes.json` (ours), else img2dataset / video2dataset's
+    `<shard>_stats.json` (`successes`), else counted from the tar headers. None for remote shards (URLs)."""
+    if not is_local(source):
+        return None
+    sizes_file = Path(source) / "sizes.json"
     try:
         sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
     except json.JSONDecodeError as err:
         raise ValueError(f"{sizes_file} is not valid JSON ({err}); delete it to count samples from the tars")
-    return [int(sizes[s.name]) if s.name in sizes else _tool_stats_size(s) or count_samples(s) for s in shards]
+    paths = [Path(s) for s in shards]
+    return [int(sizes[p.name]) if p.name in sizes else _tool_stats_size(p) or count_samples(p) for p in paths]
 
 
 def _tool_stats_size(shard: Path) -> int | None:
@@ -108,15 +112,27 @@ def _tool_stats_size(shard: Path) -> int | None:
         return None  # not the layout we know: count the tar instead
 
 
-def list_shards(shard_dir: str | Path) -> list[Path]:
-    """The `*.tar` files of a directory, sorted; a missing or empty directory is a clear error."""
-    shard_dir = Path(shard_dir)
-    if not shard_dir.is_dir():
-        raise FileNotFoundError(f"shard directory not found: {shard_dir}")
-    shards = sorted(shard_dir.glob("*.tar"))
-    if not shards:
-        raise ValueError(f"{shard_dir} has no .tar shards (write them with tools/make_shards.py)")
-    return shards
+def is_local(source: str | Path) -> bool:
+    return Path(source).is_dir()
+
+
+def list_shards(source: str | Path) -> list[str]:
+    """The shards of `source`: a local directory's `*.tar` files, sorted, or a brace pattern of shard URLs
+    as webdataset opens them (`pipe:aws s3 cp s3://bucket/{00000..00099}.tar -`, `https://.../{0..9}.tar`)."""
+    if is_local(source):
+        shards = sorted(str(p) for p in Path(source).glob("*.tar"))
+        if not shards:
+            raise ValueError(f"{source} has no .tar shards (write them with tools/make_shards.py)")
+        return shards
+    text = str(source)
+    if not (text.startswith("pipe:") or "://" in text or "{" in text):
+        raise FileNotFoundError(f"shard directory not found: {source} (or give a brace pattern of shard URLs)")
+    return list(braceexpand(text))
+
+
+def shard_name(shard: str) -> str:
+    """The file name in a shard path or URL, for messages."""
+    return shard.rstrip(" -").split("/")[-1]
 
 
 class ShardReader:
@@ -126,7 +142,8 @@ class ShardReader:
     re-reads the tar from its start (without decoding any media) to replay the same shuffle.
     """
 
-    def __init__(self, path: Path, seed: int, shuffle_buffer: int, max_buffer_bytes: int = SHUFFLE_BUFFER_BYTES) -> None:
+    def __init__(self, path: str | Path, seed: int, shuffle_buffer: int,
+                 max_buffer_bytes: int = SHUFFLE_BUFFER_BYTES) -> None:
         self.path, self.seed, self.shuffle_buffer, self.max_buffer_bytes = path, seed, shuffle_buffer, max_buffer_bytes
         self.error: str | None = None  # set when the tar turned out truncated or corrupt
         self.peak_buffer_bytes = 0
@@ -177,17 +194,17 @@ class ShardStream(ResumableStream):
 
     kind = "shards"
 
-    def __init__(self, shard_dir: str | Path, process: Callable[[dict], Any], collate: Callable[[list], Any],
+    def __init__(self, source: str | Path, process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
                  pack_length: int | None = None, pad_id: int = 0) -> None:
         super().__init__()
-        self.shard_dir = Path(shard_dir)
-        self.shards = list_shards(self.shard_dir)
+        self.source = str(source)
+        self.shards = list_shards(source)
         if len(self.shards) < world_size:
-            raise ValueError(f"{self.shard_dir} has {len(self.shards)} shard(s) for {world_size} ranks")
+            raise ValueError(f"{self.source} has {len(self.shards)} shard(s) for {world_size} ranks")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.sizes = read_sizes(self.shard_dir, self.shards)
+        self.sizes = read_sizes(source, self.shards)  # None for remote shards: no per-epoch batch budget
         self.process, self.collate, self.batch_size = process, collate, batch_size
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
         self.pack_length, self.pad_id = pack_length, pad_id
@@ -206,30 +223,30 @@ class ShardStream(ResumableStream):
         return self._epoch_order(epoch)[rank::self.world_size][stream::self.num_streams]
 
     def batch_budget(self, epoch: int, stream: int) -> int | None:
-        """Batches stream `stream` yields in `epoch` (None when packing: token counts are not known ahead).
+        """Batches stream `stream` yields in `epoch` (None when packing or for remote shards: not known ahead).
 
         Every rank gets the smallest rank's total; within a rank it is spread so that no stream is asked
         for more than its shards hold and the streams stay as even as possible.
         """
-        if self.pack_length is not None:
+        if self.pack_length is not None or self.sizes is None:
             return None
         caps = [[sum(self.sizes[i] for i in self.stream_shards(epoch, s, r)) // self.batch_size
                  for s in range(self.num_streams)] for r in range(self.world_size)]
         return even_split(min(sum(c) for c in caps), caps[self.rank])[stream]
 
     def batches_per_epoch(self, epoch: int = 0) -> int | None:
-        """This rank's batches in `epoch` over all its workers (None when packing)."""
+        """This rank's batches in `epoch` over all its workers (None when packing or for remote shards)."""
         budgets = [self.batch_budget(epoch, s) for s in range(self.num_streams)]
         return None if None in budgets else sum(budgets)
 
     def validate(self) -> None:
         per_rank = len(self.shards) // self.world_size
         if per_rank < self.num_streams:
-            raise ValueError(f"{self.shard_dir}: {len(self.shards)} shard(s) over {self.world_size} rank(s) leave "
+            raise ValueError(f"{self.source}: {len(self.shards)} shard(s) over {self.world_size} rank(s) leave "
                              f"{per_rank} per rank for {self.num_streams} DataLoader workers; every worker needs a "
                              f"shard: lower data.num_workers or write more, smaller shards")
         if self.batches_per_epoch(0) == 0:
-            raise ValueError(f"{self.shard_dir}: rank {self.rank} of {self.world_size} gets fewer samples than one "
+            raise ValueError(f"{self.source}: rank {self.rank} of {self.world_size} gets fewer samples than one "
                              f"batch of {self.batch_size} per worker; lower data.num_workers or batch_size")
 
     # ---- the stream ------------------------------------------------------------------------------------
@@ -251,7 +268,7 @@ class ShardStream(ResumableStream):
             if budget == 0:  # this epoch's shards hold less than a batch for this worker: the next epoch's may not
                 empty_epochs += 1
                 if empty_epochs == 100:
-                    raise ValueError(f"{self.shard_dir}: worker {stream} of rank {self.rank} got less than one batch "
+                    raise ValueError(f"{self.source}: worker {stream} of rank {self.rank} got less than one batch "
                                      f"of {self.batch_size} in 100 epochs in a row; lower data.num_workers")
                 pos.update(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
                 continue
@@ -268,7 +285,7 @@ class ShardStream(ResumableStream):
                     try:
                         example = self.process(to_sample(group))
                     except (ShardSampleError, *SAMPLE_ERRORS) as err:
-                        skip(type(err).__name__, f"{path.name}: {describe(err, group)}")
+                        skip(type(err).__name__, f"{shard_name(path)}: {describe(err, group)}")
                         continue
                     if not batcher.fits(example):  # packing: close the batch; this example starts the next
                         pos["yielded"] += 1
@@ -283,12 +300,12 @@ class ShardStream(ResumableStream):
                     if reader.error:
                         skip(reader.error, f"{path}: {reader.error}, the rest of it is left out")
                     pos["shard_index"], pos["emitted"] = pos["shard_index"] + 1, 0
-            if budget is None and not batcher.empty:  # a packed epoch's last, partly filled batch
+            if budget is None and not batcher.empty:  # the epoch's partial batch (packing, remote shards)
                 pos["yielded"] += 1
                 yield batcher.flush(), snapshot(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
             elif fresh_epoch and pos["yielded"] == yielded_before:
                 raise ValueError(f"rank {self.rank} worker {stream}: a whole epoch of {len(shards)} shard(s) in "
-                                 f"{self.shard_dir} gave no batch of {self.batch_size} "
+                                 f"{self.source} gave no batch of {self.batch_size} "
                                  f"({dict(pos['skipped'])} skipped; latest: {pos['last_skip']}); "
                                  f"lower data.num_workers or batch_size, or check the skip reasons")
             pos.update(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)

@@ -39,7 +39,7 @@ class DataConfig:
     corpus: str | None = None  # text
     tokenizer: str | None = None  # text (multimodal data use the model config's tokenizer)
     manifest: str | None = None  # manifest: JSONL of samples (conversation or caption + media paths)
-    shards: str | None = None  # shards: a directory of WebDataset tars (tools/make_shards.py, img2dataset)
+    shards: str | None = None  # shards: a directory of WebDataset tars, or a brace pattern of URLs (pipe:, https:)
     mixture: list[MixtureSource] = field(default_factory=list)  # shards, resampled: [{name, shards, weight}]
     num_workers: int = 0  # DataLoader worker processes decoding samples (0: in the training process)
     prefetch_factor: int = 2  # batches each worker prepares ahead

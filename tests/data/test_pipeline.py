@@ -235,3 +235,15 @@ def test_the_shuffle_buffer_is_bounded_in_bytes(tmp_path):
     assert unbounded.peak_buffer_bytes > 19_000 and bounded.peak_buffer_bytes <= 5000 + 1006
     resumed = [g["__key__"] for g in ShardReader(shard, 0, 100, max_buffer_bytes=5000).groups(emitted=7)]
     assert resumed == keys[1][7:]
+
+
+def test_remote_shards_by_url_pattern(tmp_path):
+    """`pipe:` URLs with brace patterns, as for shards in object stores (here `cat` stands in for `aws s3 cp`)."""
+    directory = write_shards(tmp_path / "s", count=16, per_shard=4)
+    pattern = f"pipe:cat {directory}/shard-{{000000..000003}}.tar"
+    stream = ShardStream(pattern, keys_only, list, batch_size=2, world_size=1)
+    assert len(stream.shards) == 4 and stream.sizes is None and stream.batches_per_epoch(0) is None
+    keys = [key for batch in islice(StreamLoader(stream, num_workers=2), 8) for key in batch]
+    assert sorted(keys) == [f"s{i:03d}" for i in range(16)]
+    with pytest.raises(FileNotFoundError, match="shard directory not found: .*nowhere"):
+        ShardStream(tmp_path / "nowhere", keys_only, list, batch_size=2)
