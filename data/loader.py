@@ -84,10 +84,12 @@ class StreamLoader:
         while True:
             try:
                 stream, batch, position = next(batches)
+            except StopIteration:
+                return
             except RuntimeError as err:
                 if "timed out" not in str(err):
                     raise
-                raise RuntimeError(f"no batch from data worker {self.next_stream} in {self.timeout_s:g} s: a sample "
+                raise RuntimeError(f"no batch from data stream {self.next_stream} in {self.timeout_s:g} s: a sample "
                                    f"may have hung its decoder; the run can resume from its last checkpoint "
                                    f"(raise data.timeout_s if batches are just slow)") from err
             self.positions[stream] = position

@@ -88,6 +88,6 @@ def hangs_on_m03(sample):
 def test_a_hung_worker_fails_with_an_actionable_error():
     stream = ManifestStream(samples(8), hangs_on_m03, list, 1, shuffle=False)
     batches = StreamLoader(stream, num_workers=1, timeout_s=1)
-    with pytest.raises(RuntimeError, match="no batch from data worker 0 in 1 s.*data.timeout_s"):
+    with pytest.raises(RuntimeError, match="no batch from data stream 0 in 1 s.*data.timeout_s"):
         list(islice(batches, 8))
     assert batches.positions[0]["index"] == 3  # the last good batch, from which a resume would start
