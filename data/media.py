@@ -110,7 +110,7 @@ def load_audio(source: Source, name: str | None = None, sample_rate: int = SAMPL
             reason = str(err).removeprefix(f"{label}: ")
             raise MediaError(f"{label}: not decodable audio (soundfile: {soundfile_error}; PyAV: {reason})") from None
         if decoded is None:
-            raise MediaError(f"{label}: not decodable audio (soundfile: {soundfile_error}; PyAV: no audio stream)")
+            raise MediaError(f"{label}: not decodable audio (soundfile: {soundfile_error}; PyAV: no audio stream)") from None
         return decoded
     return to_mono_16k(samples, rate, label, sample_rate)
 

@@ -99,7 +99,7 @@ def read_sizes(source: str | Path, shards: list[str]) -> list[int] | None:
     try:
         sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
     except json.JSONDecodeError as err:
-        raise ValueError(f"{sizes_file} is not valid JSON ({err}); delete it to count samples from the tars")
+        raise ValueError(f"{sizes_file} is not valid JSON ({err}); delete it to count samples from the tars") from None
     paths = [Path(s) for s in shards]
     return [int(sizes[p.name]) if p.name in sizes else _tool_stats_size(p) or count_samples(p) for p in paths]
 

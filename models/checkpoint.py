@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +110,6 @@ def from_official(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[st
 
 def _dim_fields(key: str, config: Any) -> list[str] | None:
     """What config fields each dimension of an official tensor comes from (for error messages)."""
-    c = config
     name = key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias", ".expert_bias")) else key
     experts = "num_experts"
     if key.endswith(".expert_bias"):

@@ -234,7 +234,7 @@ class LingMiniForCausalLM(LingLiteForCausalLM):
                                       past_key_values=None, position_ids=positions)
             h, mtp_logits, losses = main_hidden, [], []
             shifted_labels = labels
-            for k, layer in enumerate(self.model.mtp_layers):
+            for layer in self.model.mtp_layers:
                 embeds = roll_left(embeds, 1, 0.0)
                 h = layer(embeds, h, attention_mask=mask, position_embeddings=extras["position_embeddings"],
                           modality_ids=extras["modality_ids"])

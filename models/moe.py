@@ -219,7 +219,7 @@ def init_moe_module(module: nn.Module, std: float) -> None:
         init.normal_(module.gate_up_proj, mean=0.0, std=std)
         init.normal_(module.down_proj, mean=0.0, std=std)
     elif isinstance(module, (SoftmaxTopKRouter, SigmoidGroupRouter)):
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             init.normal_(param, mean=0.0, std=std)
         if isinstance(module, SigmoidGroupRouter):
             init.zeros_(module.expert_bias)

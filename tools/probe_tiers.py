@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 import models  # noqa: F401  (registers the backbones)
 from models.build import build_model

@@ -185,7 +185,7 @@ class TierObjective:
         rate = self.config.bias_update_rate
         if rate == 0 or self.routing is None or not self._expert_loads:
             return
-        for (name, router), spec, load in zip(self.routing.routers, self.routing.specs, self._expert_loads):
+        for (_, router), spec, load in zip(self.routing.routers, self.routing.specs, self._expert_loads):
             if spec.family != "sigmoid_bias":
                 continue
             if torch.distributed.is_available() and torch.distributed.is_initialized():

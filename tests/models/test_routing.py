@@ -28,7 +28,7 @@ def deepseek_v3():
                               kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
                               v_head_dim=8)
     model = DeepseekV3ForCausalLM(config).eval()
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     for _, gate in TierRouting(model).routers:
         gate.e_score_correction_bias.normal_(std=0.5)
