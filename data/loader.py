@@ -1,55 +1,54 @@
 """DataLoader workers over resumable batch streams, with the position of every worker in the checkpoint.
 
-A `ResumableStream` is an IterableDataset split into `num_streams` independent streams (one per
-DataLoader worker); stream `s` produces `(batch, position)` pairs, where `position` is the state that
-resumes it right after that batch. Batches are collated in the workers (decoding and collation run
-there, not in the training process), so the workers' read-ahead runs past what training consumed:
-`StreamLoader` therefore records, per stream, the position that came *with* the last batch it handed
-out, and the stream that comes next. DataLoader hands out batches round-robin over its workers, so on
-resume worker `w` takes stream `(w + next_stream) % num_streams` and the order continues exactly.
+A `ResumableStream` (shards, a mixture, a manifest) is split into `num_streams` independent streams,
+one per DataLoader worker; stream `s` produces `(batch, position)` pairs, where `position` is the
+state that resumes it right after that batch. Batches are collated in the workers (decoding and
+collation run there, not in the training process), so the workers' read-ahead runs past what training
+consumed: `StreamLoader` therefore records, per stream, the position that came *with* the last batch
+it handed out, and the stream that comes next. DataLoader hands out batches round-robin over its
+workers, so on resume worker `w` takes stream `(w + next_stream) % num_streams` and the order
+continues exactly.
 """
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
-class ResumableStream(IterableDataset):
-    """Base of the shard streams: maps DataLoader workers onto streams and tags batches with positions."""
+class ResumableStream(Protocol):
+    """What `StreamLoader` needs from a batch stream (ShardStream, MixtureStream, ManifestStream)."""
 
-    kind = "stream"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_streams = 1
-        self.start_stream = 0
-        self.positions: dict[int, dict[str, Any]] = {}
+    kind: str
+    num_streams: int  # set by StreamLoader: one stream per worker
 
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
         """`(batch, position after it)` pairs of stream `stream`, from `position` (None: the start)."""
-        raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
         """What must not change between a checkpoint and its resume (seed, ranks, datasets)."""
-        return {}
 
     def validate(self) -> None:
         """Raise a clear error when this stream cannot feed `num_streams` workers."""
 
-    def epoch_of(self, position: dict[str, Any]) -> float:
-        return position.get("epoch", 0)
+    def epoch_of(self, position: dict[str, Any]) -> int:
+        """The epoch a stream's position is in."""
+
+
+class _WorkerStreams(IterableDataset):
+    """The IterableDataset DataLoader runs: each worker takes its stream and tags batches with positions."""
+
+    def __init__(self, source: ResumableStream, start_stream: int, positions: dict[int, dict[str, Any]]) -> None:
+        super().__init__()
+        self.source, self.start_stream, self.positions = source, start_stream, positions
 
     def __iter__(self) -> Iterator[tuple[int, Any, dict[str, Any]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.num_streams:
-            raise RuntimeError(f"{type(self).__name__} was set up for {self.num_streams} stream(s) but runs in "
-                               f"{workers} worker(s); build it through StreamLoader")
         stream = (worker + self.start_stream) % workers
-        for batch, position in self.stream_batches(stream, self.positions.get(stream)):
+        for batch, position in self.source.stream_batches(stream, self.positions.get(stream)):
             yield stream, batch, position
 
 
@@ -60,23 +59,23 @@ def _as_is(item: Any) -> Any:
 class StreamLoader:
     """Batches of a `ResumableStream` through `num_workers` DataLoader workers (0: in this process)."""
 
-    def __init__(self, dataset: ResumableStream, num_workers: int = 0, prefetch_factor: int = 2,
+    def __init__(self, stream: ResumableStream, num_workers: int = 0, prefetch_factor: int = 2,
                  pin_memory: bool = False, timeout_s: float = 0, start_method: str | None = None) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.dataset, self.num_workers = dataset, num_workers
+        self.stream, self.num_workers = stream, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.timeout_s = timeout_s if num_workers else 0  # a stuck worker (e.g. a hung decoder) fails the run
         self.start_method = start_method  # None: the platform's default (fork on Linux, spawn on macOS)
-        self.num_streams = dataset.num_streams = max(1, num_workers)
+        self.num_streams = stream.num_streams = max(1, num_workers)
         self.positions: dict[int, dict[str, Any]] = {}
         self.next_stream = 0
 
     def __iter__(self) -> Iterator[Any]:
-        self.dataset.num_streams, self.dataset.start_stream = self.num_streams, self.next_stream
-        self.dataset.positions = dict(self.positions)
-        self.dataset.validate()
-        loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+        self.stream.num_streams = self.num_streams
+        self.stream.validate()
+        workers = _WorkerStreams(self.stream, self.next_stream, dict(self.positions))
+        loader = DataLoader(workers, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory, persistent_workers=False, timeout=self.timeout_s,
                             multiprocessing_context=self.start_method if self.num_workers else None)
@@ -99,7 +98,7 @@ class StreamLoader:
     @property
     def epoch(self) -> float:
         """The epoch of the stream furthest behind (every sample of earlier epochs has been seen)."""
-        return min((self.dataset.epoch_of(p) for p in self.positions.values()), default=0)
+        return min((self.stream.epoch_of(p) for p in self.positions.values()), default=0)
 
     @property
     def skipped(self) -> Counter[str]:
@@ -124,11 +123,11 @@ class StreamLoader:
         return {name: count / total for name, count in sorted(drawn.items())} if total else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.dataset.kind, "num_streams": self.num_streams, "next_stream": self.next_stream,
-                "positions": {str(k): v for k, v in self.positions.items()}, **self.dataset.identity()}
+        return {"kind": self.stream.kind, "num_streams": self.num_streams, "next_stream": self.next_stream,
+                "positions": {str(k): v for k, v in self.positions.items()}, **self.stream.identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = {"kind": self.dataset.kind, "num_streams": self.num_streams, **self.dataset.identity()}
+        expected = {"kind": self.stream.kind, "num_streams": self.num_streams, **self.stream.identity()}
         for key, value in expected.items():
             if state.get(key) != value:
                 hint = " (data.num_workers)" if key == "num_streams" else ""

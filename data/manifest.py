@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from data.batching import make_batcher
-from data.loader import ResumableStream
 from data.media import MediaError
 from data.processor import ProcessorError
 
@@ -72,7 +71,7 @@ def to_sample(record: dict[str, Any], root: Path, where: str) -> dict[str, Any]:
     return sample
 
 
-class ManifestStream(ResumableStream):
+class ManifestStream:
     """Processed batches over manifest samples, epoch after epoch, split by rank and DataLoader worker.
 
     Each epoch has one seeded order; of its `world_size * num_streams` interleaved slices, rank `r`'s
@@ -86,7 +85,7 @@ class ManifestStream(ResumableStream):
     def __init__(self, samples: list[dict[str, Any]], process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  drop_last: bool = True, pack_length: int | None = None, pad_id: int = 0) -> None:
-        super().__init__()
+        self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
         if not samples:
             raise ValueError("the manifest has no samples")
         self.samples, self.process, self.collate, self.batch_size = samples, process, collate, batch_size
@@ -96,6 +95,9 @@ class ManifestStream(ResumableStream):
     def identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
                 "packed": self.pack_length is not None, "samples": len(self.samples)}
+
+    def epoch_of(self, position: dict[str, Any]) -> int:
+        return position["epoch"]
 
     def stream_samples(self, epoch: int, stream: int) -> list[int]:
         """Indices of the samples stream `stream` of this rank reads in `epoch`."""

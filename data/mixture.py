@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.batching import make_batcher
-from data.loader import ResumableStream
 from data.pipeline import (SAMPLE_ERRORS, ShardReader, ShardSampleError, describe, list_shards, read_sizes,
                            to_sample)
 
@@ -34,7 +33,7 @@ class MixtureSource:
     weight: float = 1.0
 
 
-class MixtureStream(ResumableStream):
+class MixtureStream:
     """Endless batches drawn from weighted shard datasets; see the module docstring."""
 
     kind = "mixture"
@@ -42,7 +41,7 @@ class MixtureStream(ResumableStream):
     def __init__(self, sources: list[MixtureSource], process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
                  pack_length: int | None = None, pad_id: int = 0) -> None:
-        super().__init__()
+        self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
         if not sources:
             raise ValueError("a mixture needs at least one dataset")
         names = [s.name for s in sources]
@@ -63,6 +62,9 @@ class MixtureStream(ResumableStream):
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "shuffle_buffer": self.shuffle_buffer, "packed": self.pack_length is not None,
                 "datasets": {s.name: [str(s.shards), s.weight] for s in self.sources}}
+
+    def validate(self) -> None:
+        """Any number of workers can draw from a mixture: each has its own generator."""
 
     def epoch_of(self, position: dict[str, Any]) -> int:
         if not self.total_samples:

@@ -31,7 +31,6 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from data.batching import make_batcher
-from data.loader import ResumableStream
 from data.manifest import CAPTION_PROMPTS
 from data.media import MediaError
 from data.processor import ProcessorError
@@ -189,7 +188,7 @@ def _group_bytes(group: dict[str, Any]) -> int:
     return sum(len(value) for value in group.values() if isinstance(value, bytes))
 
 
-class ShardStream(ResumableStream):
+class ShardStream:
     """Batches over one directory of shards for one rank, epoch after epoch, each worker on its own shards."""
 
     kind = "shards"
@@ -197,7 +196,7 @@ class ShardStream(ResumableStream):
     def __init__(self, source: str | Path, process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
                  pack_length: int | None = None, pad_id: int = 0) -> None:
-        super().__init__()
+        self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
         self.source = str(source)
         self.shards = list_shards(source)
         if len(self.shards) < world_size:
@@ -212,6 +211,9 @@ class ShardStream(ResumableStream):
     def identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "shuffle_buffer": self.shuffle_buffer, "packed": self.pack_length is not None}
+
+    def epoch_of(self, position: dict[str, Any]) -> int:
+        return position["epoch"]
 
     # ---- which shards, how many batches ------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:

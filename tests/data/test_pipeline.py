@@ -47,7 +47,7 @@ def loader(directory, rank=0, world_size=1, batch_size=2, seed=0, workers=0, shu
 
 def first_epoch(batches):
     """Every key of the rank's first epoch, in order (the epoch's batch count comes from sizes.json)."""
-    return [key for batch in islice(batches, batches.dataset.batches_per_epoch(0)) for key in batch]
+    return [key for batch in islice(batches, batches.stream.batches_per_epoch(0)) for key in batch]
 
 
 def test_img2dataset_layout_becomes_caption_samples(tmp_path):
@@ -81,7 +81,7 @@ def test_two_ranks_by_two_workers_cover_the_epoch_exactly_once(tmp_path):
 
 def test_uneven_ranks_yield_equal_batch_counts(tmp_path):
     directory = write_shards(tmp_path / "s", count=10, per_shard=4, sizes_json=False)  # shards of 4, 4, 2
-    counts = [loader(directory, rank=r, world_size=2, batch_size=1).dataset.batches_per_epoch(0) for r in range(2)]
+    counts = [loader(directory, rank=r, world_size=2, batch_size=1).stream.batches_per_epoch(0) for r in range(2)]
     assert counts[0] == counts[1] > 0
 
 
@@ -198,7 +198,7 @@ def test_packed_stream_resumes_exactly(tmp_path, workers):
 def test_a_worker_with_less_than_a_batch_in_an_epoch_moves_on(tmp_path):
     directory = write_shards(tmp_path / "s", count=13, per_shard=4)  # shards of 4, 4, 4 and 1
     batches = loader(directory, batch_size=2, workers=2, world_size=2, rank=0)
-    budgets = [[batches.dataset.batch_budget(epoch, s) for s in range(2)] for epoch in range(6)]
+    budgets = [[batches.stream.batch_budget(epoch, s) for s in range(2)] for epoch in range(6)]
     assert [0, 2] in budgets or [2, 0] in budgets  # the 1-sample shard leaves a worker nothing in some epoch
     keys = [key for batch in islice(batches, 12) for key in batch]
     assert len(keys) == 24 and set(keys) <= {f"s{i:03d}" for i in range(13)}

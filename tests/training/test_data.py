@@ -20,9 +20,9 @@ def read_first_epoch(rank: int, world_size: int, shards: str, out: str) -> None:
                                      "data": {"kind": "shards", "shards": shards, "batch_size": 1}}, source="test")
     model = build_model(config.model)
     batches = train_stream(config, model)
-    ids = [i for batch in islice(batches, batches.dataset.batches_per_epoch(0)) for i in batch["ids"]]
+    ids = [i for batch in islice(batches, batches.stream.batches_per_epoch(0)) for i in batch["ids"]]
     with open(f"{out}.{rank}", "w") as file:
-        json.dump({"rank": batches.dataset.rank, "world_size": batches.dataset.world_size, "ids": ids}, file)
+        json.dump({"rank": batches.stream.rank, "world_size": batches.stream.world_size, "ids": ids}, file)
     dist.destroy_process_group()
 
 
