@@ -11,6 +11,7 @@ continues exactly.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -35,6 +36,28 @@ class ResumableStream(Protocol):
 
     def epoch_of(self, position: dict[str, Any]) -> int:
         """The epoch a stream's position is in."""
+
+
+class SkipTally:
+    """Bad samples one stream skipped: counts by reason, and the latest reason in full (it names the sample).
+
+    Its `state()` is part of the stream's position, which is how `StreamLoader` reports skips from workers.
+    """
+
+    def __init__(self, position: dict[str, Any] | None = None) -> None:
+        position = position or {}
+        self.counts: Counter[str] = Counter(position.get("skipped", {}))
+        self.last, self.last_at = position.get("last_skip", ""), position.get("last_skip_at", -1.0)
+
+    def add(self, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.last, self.last_at = detail, time.time()
+
+    def state(self) -> dict[str, Any]:
+        return {"skipped": dict(self.counts), "last_skip": self.last, "last_skip_at": self.last_at}
+
+    def __str__(self) -> str:
+        return f"{dict(self.counts)} skipped; latest: {self.last or '-'}"
 
 
 class _WorkerStreams(IterableDataset):

@@ -10,8 +10,6 @@ DataLoader workers).
 from __future__ import annotations
 
 import json
-import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 from data.batching import make_batcher
+from data.loader import SkipTally
 from data.media import MediaError
 from data.processor import ProcessorError
 
@@ -114,13 +113,13 @@ class ManifestStream:
                              f"{self.batch_size}; lower data.num_workers or batch_size")
 
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
-        pos = {"epoch": 0, "index": 0, "skipped": {}, "last_skip": "", "last_skip_at": -1.0, **(position or {})}
-        pos["skipped"] = Counter(pos["skipped"])
+        pos = {key: (position or {}).get(key, 0) for key in ("epoch", "index")}
+        skips = SkipTally(position)
 
         def snapshot() -> dict[str, Any]:  # the position after a batch; the epoch's last batch points at the next
             if pos["index"] == len(indices) or (budget is not None and yielded_this_epoch == budget):
-                return {**pos, "epoch": pos["epoch"] + 1, "index": 0, "skipped": dict(pos["skipped"])}
-            return {**pos, "skipped": dict(pos["skipped"])}
+                return {"epoch": pos["epoch"] + 1, "index": 0, **skips.state()}
+            return {**pos, **skips.state()}
 
         while True:
             indices = self.stream_samples(pos["epoch"], stream)
@@ -129,13 +128,12 @@ class ManifestStream:
             yielded_this_epoch, resumed_mid_epoch = 0, pos["index"] > 0
             while pos["index"] < len(indices) and (budget is None or yielded_this_epoch < budget):
                 sample = self.samples[indices[pos["index"]]]
-                before = {**pos, "skipped": dict(pos["skipped"])}
+                before = {**pos, **skips.state()}
                 pos["index"] += 1
                 try:
                     example = self.process(sample)
                 except (MediaError, ProcessorError) as err:
-                    pos["skipped"][type(err).__name__] += 1
-                    pos["last_skip"], pos["last_skip_at"] = str(err), time.time()
+                    skips.add(type(err).__name__, str(err))
                     continue
                 if not batcher.fits(example):  # packing: this example opens the next batch
                     yielded_this_epoch += 1
@@ -149,7 +147,7 @@ class ManifestStream:
                 yield batcher.flush(), snapshot()  # the epoch's partial batch (evaluation, packing)
             if yielded_this_epoch == 0 and not resumed_mid_epoch:
                 raise ValueError(f"rank {self.rank} worker {stream}: a whole manifest epoch gave no batch "
-                                 f"({dict(pos['skipped'])} skipped; latest: {pos['last_skip']})")
+                                 f"({skips})")
             pos.update(epoch=pos["epoch"] + 1, index=0)
 
     def one_epoch(self) -> Iterator[Any]:

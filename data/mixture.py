@@ -12,13 +12,13 @@ were emitted: a restart continues the same draws, exactly.
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from data.batching import make_batcher
+from data.loader import SkipTally
 from data.pipeline import (SAMPLE_ERRORS, ShardReader, ShardSampleError, describe, list_shards, read_sizes,
                            to_sample)
 
@@ -73,12 +73,12 @@ class MixtureStream:
 
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
         rng = random.Random(f"{self.seed}/{self.rank}/{stream}")  # string seeds hash deterministically
-        pos = {"open": {}, "drawn": {}, "skipped": {}, "last_skip": "", "last_skip_at": -1.0, **(position or {})}
         if position is not None:
             version, state, gauss = position["rng"]
             rng.setstate((version, tuple(state), gauss))
-        drawn, skipped = Counter(pos["drawn"]), Counter(pos["skipped"])
-        open_shards = {name: list(entry) for name, entry in pos["open"].items()}  # name -> [shard, seed, emitted]
+        drawn, skips = Counter((position or {}).get("drawn", {})), SkipTally(position)
+        # dataset name -> [open shard, its shuffle seed, samples emitted from it]
+        open_shards = {name: list(entry) for name, entry in (position or {}).get("open", {}).items()}
         shard_readers: dict[str, ShardReader] = {}
         readers: dict[str, Iterator[dict[str, Any]]] = {}
 
@@ -95,12 +95,7 @@ class MixtureStream:
         def snapshot() -> dict[str, Any]:
             version, state, gauss = rng.getstate()
             return {"rng": [version, list(state), gauss], "open": {k: list(v) for k, v in open_shards.items()},
-                    "drawn": dict(drawn), "skipped": dict(skipped), "last_skip": pos["last_skip"],
-                    "last_skip_at": pos["last_skip_at"]}
-
-        def skip(reason: str, detail: str) -> None:
-            skipped[reason] += 1
-            pos["last_skip"], pos["last_skip_at"] = detail, time.time()
+                    "drawn": dict(drawn), **skips.state()}
 
         def next_group(name: str) -> dict[str, Any]:
             for _ in range(2 * len(self.shards[name]) + 8):  # bounded: a dataset of only broken shards fails loudly
@@ -111,7 +106,7 @@ class MixtureStream:
                         return group
                     reader = shard_readers[name]
                     if reader.error:
-                        skip(reader.error, f"{reader.path}: {reader.error}, the rest of it is left out")
+                        skips.add(reader.error, f"{reader.path}: {reader.error}, the rest of it is left out")
                     del readers[name], open_shards[name]
                 open_shards[name] = [rng.randrange(len(self.shards[name])), rng.getrandbits(62), 0]
                 open_reader(name)
@@ -127,7 +122,7 @@ class MixtureStream:
             try:
                 example = self.process(to_sample(group))
             except (ShardSampleError, *SAMPLE_ERRORS) as err:
-                skip(type(err).__name__, f"{name}: {describe(err, group)}")
+                skips.add(type(err).__name__, f"{name}: {describe(err, group)}")
                 continue
             if not batcher.fits(example):
                 yield batcher.flush(), before

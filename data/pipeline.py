@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import random
 import tarfile
-import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from data.batching import make_batcher
+from data.loader import SkipTally
 from data.manifest import CAPTION_PROMPTS
 from data.media import MediaError
 from data.processor import ProcessorError
@@ -253,16 +252,11 @@ class ShardStream:
 
     # ---- the stream ------------------------------------------------------------------------------------
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
-        pos = {"epoch": 0, "shard_index": 0, "emitted": 0, "yielded": 0, "skipped": {}, "last_skip": "",
-               "last_skip_at": -1.0, **(position or {})}
-        pos["skipped"] = Counter(pos["skipped"])
+        pos = {key: (position or {}).get(key, 0) for key in ("epoch", "shard_index", "emitted", "yielded")}
+        skips = SkipTally(position)
 
         def snapshot(**changes: Any) -> dict[str, Any]:
-            return {**pos, "skipped": dict(pos["skipped"]), **changes}
-
-        def skip(reason: str, detail: str) -> None:
-            pos["skipped"][reason] += 1
-            pos["last_skip"], pos["last_skip_at"] = detail, time.time()
+            return {**pos, **skips.state(), **changes}
 
         empty_epochs = 0
         while True:
@@ -287,7 +281,7 @@ class ShardStream:
                     try:
                         example = self.process(to_sample(group))
                     except (ShardSampleError, *SAMPLE_ERRORS) as err:
-                        skip(type(err).__name__, f"{shard_name(path)}: {describe(err, group)}")
+                        skips.add(type(err).__name__, f"{shard_name(path)}: {describe(err, group)}")
                         continue
                     if not batcher.fits(example):  # packing: close the batch; this example starts the next
                         pos["yielded"] += 1
@@ -300,7 +294,7 @@ class ShardStream:
                             break
                 else:
                     if reader.error:
-                        skip(reader.error, f"{path}: {reader.error}, the rest of it is left out")
+                        skips.add(reader.error, f"{path}: {reader.error}, the rest of it is left out")
                     pos["shard_index"], pos["emitted"] = pos["shard_index"] + 1, 0
             if budget is None and not batcher.empty:  # the epoch's partial batch (packing, remote shards)
                 pos["yielded"] += 1
@@ -308,7 +302,7 @@ class ShardStream:
             elif fresh_epoch and pos["yielded"] == yielded_before:
                 raise ValueError(f"rank {self.rank} worker {stream}: a whole epoch of {len(shards)} shard(s) in "
                                  f"{self.source} gave no batch of {self.batch_size} "
-                                 f"({dict(pos['skipped'])} skipped; latest: {pos['last_skip']}); "
+                                 f"({skips}); "
                                  f"lower data.num_workers or batch_size, or check the skip reasons")
             pos.update(epoch=pos["epoch"] + 1, shard_index=0, emitted=0, yielded=0)
 
