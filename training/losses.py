@@ -24,32 +24,29 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return logprobs, mask
 
 
-def mean_token_logprob(logprobs: torch.Tensor, mask: torch.Tensor,
-                       segments: torch.Tensor | None = None) -> torch.Tensor:
+def mean_token_logprob(logprobs: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None,
+                       num_samples: int = 0) -> torch.Tensor:
     """Lbar per sample: the mean log-prob over its supervised tokens (0 for a sample with none).
 
     A sample is a row, or with `segments` (packed rows: the sample number of each target token, -1 on
-    padding, shaped like `mask`) each packed sample, numbered across the batch.
+    padding, shaped like `mask`) each of the batch's `num_samples` packed samples.
     """
     if segments is None:
         return (logprobs * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
-    sums, counts = _per_segment(logprobs * mask, mask, segments)
-    return sums / counts.clamp(min=1)
+    sums = _per_sample_sum(logprobs * mask, segments, num_samples)
+    return sums / _per_sample_sum(mask.to(logprobs.dtype), segments, num_samples).clamp(min=1)
 
 
-def supervised_samples(mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+def supervised_samples(mask: torch.Tensor, segments: torch.Tensor | None = None, num_samples: int = 0) -> torch.Tensor:
     """Which samples (rows, or packed samples with `segments`) have at least one supervised token."""
     if segments is None:
         return mask.any(dim=-1)
-    return _per_segment(torch.zeros_like(mask, dtype=torch.float32), mask, segments)[1] > 0
+    return _per_sample_sum(mask.float(), segments, num_samples) > 0
 
 
-def _per_segment(values: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    count = int(segments.max()) + 1 if segments.numel() else 0
-    index, keep = segments.clamp(min=0).reshape(-1), (mask & (segments >= 0)).reshape(-1)
-    sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, index, values.reshape(-1) * keep)
-    counts = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, index, keep.to(values.dtype))
-    return sums, counts
+def _per_sample_sum(values: torch.Tensor, segments: torch.Tensor, num_samples: int) -> torch.Tensor:
+    keep = segments >= 0  # padding (-1) belongs to no sample
+    return values.new_zeros(num_samples).index_add(0, segments.clamp(min=0).reshape(-1), (values * keep).reshape(-1))
 
 
 def next_token_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

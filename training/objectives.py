@@ -95,8 +95,11 @@ class TierObjective:
             shared, forward_kwargs = shared_inputs(model, batch)
         start = shared.detach().requires_grad_(True) if training and shared.requires_grad else shared
         mask_tokens = _balance_mask(self.config.balance_tokens, batch)
-        # packed rows: Lbar and the rank loss stay per packed sample, not per row
-        segments = batch["sample_index"][:, 1:] if batch.get("sample_index") is not None else None
+        # packed rows: Lbar, the rank loss and tier agreement stay per packed sample, not per row
+        packed = batch.get("sample_index")
+        segments = packed[:, 1:] if packed is not None else None  # the sample of each target token
+        per_sample = {"segments": segments, "num_samples": len(batch["ids"]) if packed is not None else 0}
+        sample_mask = supervised_samples(labels[:, 1:] != -100, **per_sample)
         has_targets = (labels[:, 1:] != -100).any()
 
         measure_all = self.num_tiers > 1 and (not training or step % self.config.diag_every == 0)
@@ -107,8 +110,7 @@ class TierObjective:
 
         def term_for(tier: int, logits: torch.Tensor, records) -> torch.Tensor:
             logprobs, mask = token_logprobs(logits, labels)
-            sample_mask = supervised_samples(mask, segments)
-            lbar[tier] = mean_token_logprob(logprobs, mask, segments)
+            lbar[tier] = mean_token_logprob(logprobs, mask, **per_sample)
             erl = expert_rank_loss({tier: lbar[tier]}, self.advantages, sample_mask, self.config.rank_loss_floor)
             term = self.config.lambda_erl * erl if self.num_tiers > 1 else torch.zeros((), device=logits.device)
             parts[f"erl_tier{tier}"] = erl.item()
@@ -160,14 +162,13 @@ class TierObjective:
                     if tier not in lbar:
                         logits = self._forward(model, start.detach(), forward_kwargs, tier, record=False,
                                                step=step, token_mask=mask_tokens)
-                        lbar[tier] = mean_token_logprob(*token_logprobs(logits, labels), segments)
+                        lbar[tier] = mean_token_logprob(*token_logprobs(logits, labels), **per_sample)
         if training and start is not shared and start.grad is not None:
             # The shared part (embeddings, encoders) gets the summed gradient of all paths, once. The
             # engine already scaled that gradient (accumulation, loss scale) in the path backwards, so
             # it goes through autograd directly rather than through `backward` a second time.
             torch.autograd.backward(shared, grad_tensors=start.grad)
 
-        sample_mask = supervised_samples(labels[:, 1:] != -100, segments)
         for tier, value in lbar.items():
             parts[f"logp_tier{tier}"] = (value * sample_mask).sum().item() / max(int(sample_mask.sum()), 1)
         if self.num_tiers > 1:

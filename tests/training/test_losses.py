@@ -70,9 +70,9 @@ def test_packed_segments_give_per_sample_means():
     logprobs = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-5.0, -6.0, -7.0, -8.0]], requires_grad=True)
     mask = torch.tensor([[True, True, False, True], [True, True, True, False]])
     segments = torch.tensor([[0, 0, 1, 1], [2, 2, 2, -1]])
-    lbar = mean_token_logprob(logprobs, mask, segments)
+    lbar = mean_token_logprob(logprobs, mask, segments, num_samples=3)
     assert lbar.tolist() == [-1.5, -4.0, -6.0]
-    assert supervised_samples(mask, segments).tolist() == [True, True, True]
-    assert supervised_samples(mask & (segments != 1), segments).tolist() == [True, False, True]
+    assert supervised_samples(mask, segments, num_samples=3).tolist() == [True, True, True]
+    assert supervised_samples(mask & (segments != 1), segments, num_samples=3).tolist() == [True, False, True]
     lbar.sum().backward()
     assert logprobs.grad[0].tolist() == [0.5, 0.5, 0.0, 1.0]
