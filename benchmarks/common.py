@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,3 +95,29 @@ def peak_memory(fn: Callable[[], object], device: torch.device, model: torch.nn.
 
 def summary_line(name: str, **values: float) -> str:
     return f"{name}: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+TINY_OMNI = REPO / "configs/models/tiny-omni.yaml"
+
+
+def tiny_omni(device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
+    """The tiny omni model (seed 0) on `device`, its config, and its processor."""
+    import models  # noqa: F401  (registers the components)
+    from data.processor import OmniProcessor
+    from models.build import build_model, load_model_config
+
+    config = load_model_config(TINY_OMNI)
+    config.tokenizer = str(REPO / config.tokenizer)
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    return model, config, OmniProcessor.for_model(model, config.tokenizer, config.max_length)
+
+
+def demo_shards() -> Path:
+    """Train shards of the demo dataset (6 samples of each kind), built once under runs/."""
+    from data.demo_data import build_demo_data
+
+    data_dir = REPO / "runs" / "bench_demo_data"
+    if not (data_dir / "eval.jsonl").is_file():
+        build_demo_data(data_dir, samples_per_kind=6)
+    return data_dir / "train_shards"

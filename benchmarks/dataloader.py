@@ -17,13 +17,9 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from common import REPO, pick_device, summary_line
+from common import REPO, TINY_OMNI, demo_shards, pick_device, summary_line, tiny_omni
 
-import models  # noqa: F401  (registers the components)
-from data.demo_data import build_demo_data
 from data.media import load_audio, load_video
-from data.processor import OmniProcessor
-from models.build import build_model, load_model_config
 from models.config import from_dict
 from training.config import TrainConfig
 from training.data import train_stream
@@ -48,10 +44,7 @@ def main() -> None:
     device = pick_device(args.quick)
     seconds = 3.0 if args.quick else 15.0
     torch.set_num_threads(1)  # one worker = one core
-    config = load_model_config(REPO / "configs/models/tiny-omni.yaml")
-    config.tokenizer = str(REPO / config.tokenizer)
-    model = build_model(config)
-    processor = OmniProcessor.for_model(model, config.tokenizer, config.max_length)
+    model, _, processor = tiny_omni(torch.device("cpu"))  # decode rates on the CPU; the step below on `device`
 
     photo = Image.open(REPO / "data/assets/coco_000000039769.png").convert("RGB").resize((448, 448))
     buffer = io.BytesIO()
@@ -72,24 +65,22 @@ def main() -> None:
     decord_rate = rate(lambda: load_video(clip, 32, backend="decord"), seconds)
     pyav_rate = rate(lambda: load_video(clip, 32, backend="pyav"), seconds)
 
-    data_dir = REPO / "runs" / "bench_demo_data"
-    if not (data_dir / "eval.jsonl").is_file():
-        build_demo_data(data_dir, samples_per_kind=6)
+    shards = demo_shards()
     model.to(device).train()
     objective = build_objective(ObjectiveConfig(), model)
     steps = 8 if args.quick else 30
-    inline = data_wait(model, objective, data_dir, device, steps, num_workers=0)
-    workers = data_wait(model, objective, data_dir, device, steps, num_workers=args.workers)
+    inline = data_wait(model, objective, shards, device, steps, num_workers=0)
+    workers = data_wait(model, objective, shards, device, steps, num_workers=args.workers)
     print(f"device {device}; decode rates: one process, one thread; data_wait: tiny-omni OrdMoE step (batch 4), "
           f"{args.workers} DataLoader worker(s) vs decoding in the training process ({inline:.3f})")
     print(summary_line("dataloader", image_per_worker=image_rate, audio_per_worker=audio_rate,
                        video_decord=decord_rate, video_pyav=pyav_rate, data_wait=workers, data_wait_inline=inline))
 
 
-def data_wait(model, objective, data_dir, device, steps: int, num_workers: int) -> float:
+def data_wait(model, objective, shards, device, steps: int, num_workers: int) -> float:
     """Share of the training-step wall time spent in next(batch) (the first step, set-up, excluded)."""
-    config = from_dict(TrainConfig, {"model": str(REPO / "configs/models/tiny-omni.yaml"),
-                                     "data": {"kind": "shards", "shards": str(data_dir / "train_shards"),
+    config = from_dict(TrainConfig, {"model": str(TINY_OMNI),
+                                     "data": {"kind": "shards", "shards": str(shards),
                                               "batch_size": 4, "num_workers": num_workers}}, source="benchmark")
     stream = iter(train_stream(config, model))
     waiting = total = 0.0

@@ -11,15 +11,11 @@ from itertools import islice
 
 import torch
 
-from common import REPO, pick_device, summary_line, time_it
+from common import demo_shards, pick_device, summary_line, time_it, tiny_omni
 
-import models  # noqa: F401  (registers the components)
 from data.batching import PackedBatcher
-from data.demo_data import build_demo_data
 from data.loader import StreamLoader
 from data.pipeline import ShardStream
-from data.processor import OmniProcessor
-from models.build import build_model, load_model_config
 from models.config import from_dict
 from training.objectives import ObjectiveConfig, build_objective
 
@@ -37,17 +33,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU, fewer samples, under a minute")
     args = parser.parse_args()
     device = pick_device(args.quick)
-    config = load_model_config(REPO / "configs/models/tiny-omni.yaml")
-    config.tokenizer = str(REPO / config.tokenizer)
-    torch.manual_seed(0)
-    model = build_model(config).to(device).train()
-    processor = OmniProcessor.for_model(model, config.tokenizer, config.max_length)
+    model, config, processor = tiny_omni(device)
+    model.train()
     objective = build_objective(from_dict(ObjectiveConfig, {"name": "ordmoe", "diag_every": 10**9}), model)
 
-    data_dir = REPO / "runs" / "bench_demo_data"
-    if not (data_dir / "eval.jsonl").is_file():
-        build_demo_data(data_dir, samples_per_kind=6)
-    stream = ShardStream(data_dir / "train_shards", processor, list, batch_size=1)  # processed, not collated
+    stream = ShardStream(demo_shards(), processor, list, batch_size=1)  # processed, not collated
     count = 16 if args.quick else stream.batches_per_epoch(0)
     examples = [batch[0] for batch in islice(StreamLoader(stream), count)]
 
