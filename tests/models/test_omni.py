@@ -160,3 +160,39 @@ def test_ming_lite_omni_checkpoint_layout_loads(tiny_omni, mixed_batch, tmp_path
               str(tmp_path / "model-00002-of-00002.safetensors"))
     with pytest.raises(Exception, match="missing|lacks"):
         load_ming_checkpoint(build_model(config), tmp_path)
+
+
+def generate(model, batch, max_new_tokens=6):
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids")}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)
+
+
+@pytest.fixture(scope="module")
+def mixed_prompts(processor, photo, assets):
+    from PIL import Image
+    chart = Image.open(assets / "mathvista_testmini_pid106.png").convert("RGB")
+    samples = [
+        {"id": "image", "conversation": [{"role": "user", "content": "<image>\nHow many cats are on the couch?"}],
+         "images": [photo]},
+        {"id": "text", "conversation": [{"role": "user", "content": "Hi"}]},
+        {"id": "two-images", "conversation": [{"role": "user", "content": "<image> or <image>: which is a chart?"}],
+         "images": [chart, photo.resize((120, 90))]},
+    ]
+    return [processor(s, generation=True) for s in samples]
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_omni, processor, mixed_prompts):
+    """Token for token, and the logits of every step: left padding, the attention mask, the position ids
+    derived from it and the KV cache must leave each sample's computation unchanged."""
+    model, _ = tiny_omni
+    lengths = [len(e["input_ids"]) for e in mixed_prompts]
+    assert len(set(lengths)) == len(lengths)  # mixed lengths: every row but the longest is padded
+    batch = processor.collate(mixed_prompts, padding_side="left")
+    batched_tokens, batched_logits = generate(model, batch)
+    for row, example in enumerate(mixed_prompts):
+        tokens, logits = generate(model, processor.collate([example], padding_side="left"))
+        assert batched_tokens[row].tolist() == tokens[0].tolist(), example["id"]
+        torch.testing.assert_close(batched_logits[row], logits[0], atol=1e-4, rtol=1e-4)
