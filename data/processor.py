@@ -4,7 +4,9 @@ inference, so a model always sees its inputs laid out the same way.
 A sample is `{"id": str, "conversation": [{"role": "system" | "user" | "assistant", "content": str}],
 "images": [...], "audios": [...], "videos": [...]}`; `content` holds `<image>`, `<audio>`, `<video>` markers,
 matched in order with the media lists. Media items are decoded objects (PIL image; float32 16 kHz mono
-waveform; uint8 frames [T, H, W, 3] or a `VideoClip`) or a path / bytes that data/media.py decodes.
+waveform; uint8 frames [T, H, W, 3] or a `VideoClip`), a path / bytes that data/media.py decodes, or a
+lazy reference whose `load()` returns one of those (decoded only when the sample is processed, so a benchmark
+of a thousand videos holds no frames until its batch comes).
 
 The processor applies the chat template (Ming-Lite-Omni's `<role>HUMAN</role>` style by default), expands
 every marker to `<image>` + N x `<imagePatch>` + `</image>` (likewise video, audio) with N the number of
@@ -221,6 +223,8 @@ class OmniProcessor:
         if encoder is None:
             raise ProcessorError(f"sample {name} has {kind} input but the processor has no {kind} encoder")
         label = f"{name}/{kind}{index}"
+        if callable(getattr(item, "load", None)):  # a lazy reference (e.g. evaluation/video_media.py): decode now
+            item = item.load()
         if kind == "image":
             image = item if isinstance(item, Image.Image) else load_image(_source(item, "image"), name=_name(item, label))
             inputs = self.image.images([image])
