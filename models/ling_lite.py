@@ -28,54 +28,82 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from models.backbones import BACKBONES, check_config_keys
 from models.moe import (GatedMLP, MultiGateRouter, SigmoidGroupRouter, SoftmaxTopKRouter, SparseMoeBlock,
                         init_moe_module)
+from models.rope import ROPE_3D, MultimodalRope, is_3d_rope, split_position_ids
+
+
+ROPE_TYPES = ("3D",)  # rope_scaling types accepted besides None (1-D RoPE)
 
 
 class LingLiteConfig(PretrainedConfig):
-    """BailingMoe config; field names and defaults as the official `configuration_bailing_moe.py`
-    (plus Ming's `multi_gate` / `image_patch_token`)."""
+    """BailingMoe config: the fields and defaults of the official `BailingMoeConfig` (inclusionAI/Ling
+    `models/configuration_bailing_moe.py`; Ming-Lite-Omni's copy, `configuration_bailing_moe.py`, adds
+    `multi_gate=False` and `image_patch_token=126346`), so an absent config.json field means what it means
+    to the official code. Note those defaults are not Ling-lite's: e.g. `use_bias=True`, `rms_norm_eps=1e-5`,
+    `norm_head=False`, `num_experts=16`, dropouts 0.1; a release's config.json states its own values.
+
+    - `num_key_value_heads=0` (the official default) means one KV head per attention head.
+    - `rope_scaling`: None (1-D RoPE) or `{"type": "3D", ...}` (Ming-Lite-Omni v1.5: the multimodal 3-D
+      positions of `BailingMoe3DRotaryEmbedding`); the type is kept as `rope_scaling_type`. The official
+      `linear` / `dynamic` / `yarn` scalings are not implemented and are refused.
+    - `image_start_token` / `video_start_token`: read by Ming v1.5's `get_rope_index` (modeling_bailingmm.py).
+    - `embedding_dropout`, `output_dropout`, `use_sliding_window`, `sliding_window`, `max_window_layers`: stored
+      as the official class does; its modeling code never reads them, and neither does ours.
+    """
 
     model_type = "bailing_moe"
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
         self,
-        vocab_size: int = 126464,
-        hidden_size: int = 2048,
-        intermediate_size: int | None = 5632,
-        num_hidden_layers: int = 28,
+        vocab_size: int = 30592,
+        hidden_size: int = 1024,
+        intermediate_size: int | None = None,
+        num_hidden_layers: int = 24,
         num_attention_heads: int = 16,
-        num_key_value_heads: int = 4,
+        num_key_value_heads: int = 0,
         hidden_act: str = "silu",
         use_qkv_bias: bool = False,
-        use_bias: bool = False,
-        rms_norm_eps: float = 1e-6,
-        norm_head: bool = True,
+        use_bias: bool = True,
+        rms_norm_eps: float = 1e-5,
+        norm_head: bool = False,
         tie_word_embeddings: bool = False,
-        embedding_dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        output_dropout: float = 0.0,
-        initializer_range: float = 0.006,
-        max_position_embeddings: int = 32768,
-        rope_theta: float = 600000.0,
-        rope_scaling: dict | None = None,
+        embedding_dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        output_dropout: float = 0.1,
+        initializer_range: float = 0.02,
+        max_position_embeddings: int = 16384,
+        rope_theta: float = 10000.0,
         use_cache: bool = True,
+        use_sliding_window: bool = False,
+        sliding_window: int = 4096,
+        max_window_layers: int = 28,
+        rope_scaling: dict | None = None,
         pad_token_id: int | None = 126081,
-        eos_token_id: int | None = 126081,
-        num_experts: int = 64,
-        num_shared_experts: int = 2,
-        num_experts_per_tok: int = 6,
+        num_experts: int = 16,
+        num_shared_experts: int = 0,
+        num_experts_per_tok: int = 2,
         norm_topk_prob: bool = True,
-        moe_intermediate_size: int | None = 1408,
+        moe_intermediate_size: int | None = None,
         first_k_dense_replace: int = 0,
         head_dim: int | None = None,
         output_router_logits: bool = False,
+        # Ming-Lite-Omni's additions
         multi_gate: bool = False,
-        image_patch_token: int | None = None,
+        image_patch_token: int | None = 126346,
+        image_start_token: int | None = None,
+        video_start_token: int | None = None,
+        eos_token_id: int | None = None,  # not an argument of the official class: PretrainedConfig's default
+        rope_scaling_type: str | None = None,  # a saved config's form of rope_scaling (ours)
         **kwargs: Any,
     ) -> None:
         if rope_scaling is not None:
-            raise ValueError(f"rope_scaling={rope_scaling!r}: only the default 1-D RoPE is implemented (Ling-lite "
-                             f"ships rope_scaling=null; Ming's 3-D `video_rope` positions are not implemented)")
+            if not isinstance(rope_scaling, dict):
+                raise ValueError(f"rope_scaling={rope_scaling!r} must be a mapping with a `type`")
+            # official: `rope_scaling["type"]`; transformers' newer spelling is `rope_type`
+            rope_scaling_type = rope_scaling.get("type", rope_scaling.get("rope_type"))
+        if rope_scaling_type is not None and rope_scaling_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling.type={rope_scaling_type!r} is not implemented (implemented: 1-D RoPE "
+                             f"with rope_scaling=null, and {', '.join(map(repr, ROPE_TYPES))})")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -93,17 +121,24 @@ class LingLiteConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
+        self.rope_scaling_type = rope_scaling_type
         self.use_cache = use_cache
+        self.use_sliding_window = use_sliding_window
+        self.sliding_window = sliding_window
+        self.max_window_layers = max_window_layers
         self.num_experts = num_experts
         self.num_shared_experts = num_shared_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.norm_topk_prob = norm_topk_prob
         self.moe_intermediate_size = moe_intermediate_size
         self.first_k_dense_replace = first_k_dense_replace
+        # official: `head_dim or hidden_size // num_attention_heads`
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.output_router_logits = output_router_logits
         self.multi_gate = multi_gate
         self.image_patch_token = image_patch_token
+        self.image_start_token = image_start_token
+        self.video_start_token = video_start_token
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -286,7 +321,7 @@ class LingPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         init_moe_module(module, std)
-        if isinstance(module, LingRope):
+        if isinstance(module, (LingRope, MultimodalRope)):
             init.copy_(module.inv_freq, module.compute_inv_freq())
 
 
@@ -297,7 +332,7 @@ class LingLiteModel(LingPreTrainedModel):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(self._build_layers(config))
         self.norm = LingRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LingRope(config)
+        self.rotary_emb = MultimodalRope(config) if is_3d_rope(config) else LingRope(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -331,8 +366,9 @@ class LingLiteModel(LingPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past).unsqueeze(0)
         modality_ids = align_modality_ids(modality_ids, past, length)
+        sequence_positions, position_ids = split_position_ids(position_ids)  # 3-D RoPE: [4, B, T] (models/rope.py)
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  past_key_values=past_key_values, position_ids=sequence_positions)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = [] if output_hidden_states else None

@@ -2,9 +2,9 @@
 
 Differences from Ling-lite, all as in inclusionAI/Ling-V2 `modeling_bailing_moe_v2.py`: sigmoid router with a
 selection-only `expert_bias` buffer and group-limited top-K scaled by `routed_scaling_factor`; QK-norm
-(`attention.query_layernorm` / `key_layernorm`); partial RoPE (`partial_rotary_factor`, 0.5 = half of each
-head); the first `first_k_dense_replace` layers dense; `num_nextn_predict_layers` multi-token-prediction
-layers stored after the decoder layers (`model.layers.{num_hidden_layers + k}`, official layout).
+(`attention.query_layernorm` / `key_layernorm`); partial RoPE (`partial_rotary_factor`: Ling-mini-2.0 sets 0.5
+= half of each head, absent = 1.0); the first `first_k_dense_replace` layers dense; `num_nextn_predict_layers`
+multi-token-prediction layers stored after the decoder layers (`model.layers.{num_hidden_layers + k}`).
 
 MTP (DeepSeek-V3 style, depth k = 0, 1, ...): the layer combines the previous depth's hidden state (the
 final-normed main hidden state for k = 0) with the embedding of the token k+1 ahead,
@@ -14,11 +14,14 @@ final-normed main hidden state for k = 0) with the embedding of the token k+1 ah
 run only when labels are given or `return_mtp=True` (generation never needs them; the official code also
 runs them while decoding, which changes nothing in the main logits).
 
-Two deliberate departures from the official MTP code, neither affecting any supervised target: the
-shifted input is the main input embedding rolled by one position (the official re-embeds rolled
-`input_ids`, which fails for `inputs_embeds` and multimodal inputs); and the MTP targets are shifted per
-row (the official flattens the batch before the loss's own shift, so each row's last position is scored
-against the next row's second label).
+MTP input, as the official `BailingMoeV2Model.forward` (`roll_tensor(input_ids, shifts=-1)`, fill value 0, then
+`word_embeddings`): at each depth the input ids are shifted one more position left, the freed last position
+holds token id 0, and the shifted ids are embedded. Two deliberate departures, neither affecting any
+supervised target: called with `inputs_embeds` only (multimodal inputs), the main input embeddings are
+shifted instead of re-embedding ids (the freed positions still get the embedding of token id 0; media
+positions keep their features where the official code would embed the placeholder token); and the MTP
+targets are shifted per row (the official flattens the batch before the loss's own shift, so each row's
+last position is scored against the next row's second label).
 """
 from __future__ import annotations
 
@@ -40,9 +43,25 @@ from models.moe import SparseMoeBlock
 
 
 class LingMiniConfig(PretrainedConfig):
-    """BailingMoeV2 config; field names and defaults as the official `configuration_bailing_moe_v2.py`, plus
-    the fields its config.json carries (`partial_rotary_factor`, `score_function`, `norm_topk_prob`,
-    `moe_shared_expert_intermediate_size`). Defaults are Ling-mini-2.0's."""
+    """BailingMoeV2 config: the fields and defaults of the official `BailingMoeV2Config`
+    (inclusionAI/Ling-V2 `models/configuration_bailing_moe_v2.py`), so an absent config.json field means
+    what it means to the official code. Defaults worth knowing (all from that class unless noted):
+    `routed_scaling_factor=1.0`, `num_nextn_predict_layers=0`, `mtp_loss_scaling_factor=0`, `n_group=8`,
+    `topk_group=4`, `use_qk_norm=True`, `moe_router_enable_expert_bias=True`, `rms_norm_eps=1e-6`,
+    `head_dim=128`, `first_k_dense_replace=1`, `rope_scaling=None`.
+
+    Fields the official class does not declare but its modeling code or the release config.json use:
+    - `partial_rotary_factor`: absent -> 1.0 (full RoPE), as `BailingMoeV2Attention.__init__`
+      (`... if hasattr(config, "partial_rotary_factor") else 1.0`) and transformers' default RoPE init read it;
+      Ling-mini-2.0's config.json sets 0.5.
+    - `score_function`, `norm_topk_prob`, `router_dtype`: `BailingMoeV2Gate` always scores with a sigmoid,
+      always renormalises the top-K weights (K > 1) and always computes in float32, whatever these say; so
+      only those values are accepted (another value would describe a model the official code does not run).
+    - `moe_shared_expert_intermediate_size`: must equal `moe_intermediate_size * num_shared_experts`, the
+      size `BailingMoeV2SparseMoeBlock` builds.
+    - `moe_router_enable_expert_bias`: the official gate registers and adds `expert_bias` regardless, so
+      `False` is refused rather than silently computing with the bias.
+    """
 
     model_type = "bailing_moe_v2"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -60,16 +79,15 @@ class LingMiniConfig(PretrainedConfig):
         use_bias: bool = False,
         rms_norm_eps: float = 1e-6,
         tie_word_embeddings: bool = False,
-        embedding_dropout: float = 0.0,
+        embedding_dropout: float = 0.0,  # stored; the official modeling code never reads it
         attention_dropout: float = 0.0,
-        output_dropout: float = 0.0,
+        output_dropout: float = 0.0,  # stored; the official modeling code never reads it
         initializer_range: float = 0.02,
         max_position_embeddings: int = 32768,
         rope_theta: float = 600000.0,
-        rope_scaling: dict | None = None,
-        partial_rotary_factor: float = 0.5,
         use_cache: bool = True,
-        max_window_layers: int = 20,
+        max_window_layers: int = 20,  # stored; the official modeling code never reads it
+        rope_scaling: dict | None = None,
         pad_token_id: int | None = 156892,
         eos_token_id: int | None = 156892,
         num_experts: int = 256,
@@ -78,23 +96,34 @@ class LingMiniConfig(PretrainedConfig):
         n_group: int = 8,
         topk_group: int = 4,
         moe_intermediate_size: int = 512,
-        moe_shared_expert_intermediate_size: int | None = None,
         first_k_dense_replace: int = 1,
         head_dim: int | None = 128,
         output_router_logits: bool = False,
         use_qk_norm: bool = True,
-        num_nextn_predict_layers: int = 1,
+        num_nextn_predict_layers: int = 0,
         mtp_loss_scaling_factor: float = 0.0,
         moe_router_enable_expert_bias: bool = True,
-        routed_scaling_factor: float = 2.5,
-        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        # not declared by the official class (see the docstring)
+        partial_rotary_factor: float = 1.0,
         score_function: str = "sigmoid",
+        norm_topk_prob: bool = True,
+        router_dtype: str = "fp32",
+        moe_shared_expert_intermediate_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         if rope_scaling is not None:
-            raise ValueError(f"rope_scaling={rope_scaling!r}: only the default RoPE is implemented")
+            raise ValueError(f"rope_scaling={rope_scaling!r}: only the default RoPE is implemented for BailingMoeV2")
         if score_function != "sigmoid":
-            raise ValueError(f"score_function={score_function!r}: BailingMoeV2 routes with 'sigmoid'")
+            raise ValueError(f"score_function={score_function!r}: BailingMoeV2Gate always scores with 'sigmoid'")
+        if norm_topk_prob is not True:
+            raise ValueError(f"norm_topk_prob={norm_topk_prob!r}: BailingMoeV2Gate always renormalises the top-K weights")
+        if router_dtype != "fp32":
+            raise ValueError(f"router_dtype={router_dtype!r}: BailingMoeV2Gate always routes in float32 ('fp32')")
+        if moe_router_enable_expert_bias is not True:
+            raise ValueError("moe_router_enable_expert_bias=False: BailingMoeV2Gate always adds its expert_bias")
+        if not 0.0 < float(partial_rotary_factor) <= 1.0:
+            raise ValueError(f"partial_rotary_factor={partial_rotary_factor!r} must be in (0, 1]")
         shared = moe_intermediate_size * (num_shared_experts or 0)
         if moe_shared_expert_intermediate_size not in (None, shared):
             raise ValueError(f"moe_shared_expert_intermediate_size={moe_shared_expert_intermediate_size} but "
@@ -114,8 +143,8 @@ class LingMiniConfig(PretrainedConfig):
         self.output_dropout = output_dropout
         self.initializer_range = initializer_range
         self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
-        self.partial_rotary_factor = partial_rotary_factor
+        self.rope_theta = rope_theta  # rope_scaling is None (checked above), so nothing to store
+        self.partial_rotary_factor = float(partial_rotary_factor)
         self.use_cache = use_cache
         self.max_window_layers = max_window_layers
         self.num_experts = num_experts
@@ -126,6 +155,7 @@ class LingMiniConfig(PretrainedConfig):
         self.moe_intermediate_size = moe_intermediate_size
         self.moe_shared_expert_intermediate_size = moe_shared_expert_intermediate_size
         self.first_k_dense_replace = first_k_dense_replace
+        # official: `head_dim or hidden_size // num_attention_heads`
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.output_router_logits = output_router_logits
         self.use_qk_norm = use_qk_norm
@@ -135,6 +165,7 @@ class LingMiniConfig(PretrainedConfig):
         self.routed_scaling_factor = routed_scaling_factor
         self.norm_topk_prob = norm_topk_prob
         self.score_function = score_function
+        self.router_dtype = router_dtype
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -227,6 +258,7 @@ class LingMiniForCausalLM(LingLiteForCausalLM):
             if past_key_values is not None and past_key_values.get_seq_length() > main_hidden.shape[1]:
                 raise ValueError("MTP layers need the whole sequence in one forward (no KV-cache prefix)")
             embeds = extras["inputs_embeds"]
+            shifted_ids = input_ids
             length = embeds.shape[1]
             positions = (position_ids if position_ids is not None
                          else torch.arange(length, device=embeds.device).unsqueeze(0))
@@ -235,7 +267,12 @@ class LingMiniForCausalLM(LingLiteForCausalLM):
             h, mtp_logits, losses = main_hidden, [], []
             shifted_labels = labels
             for layer in self.model.mtp_layers:
-                embeds = roll_left(embeds, 1, 0.0)
+                if shifted_ids is not None:  # official: shift the ids, fill with token id 0, embed
+                    shifted_ids = roll_left(shifted_ids, 1, 0)
+                    embeds = self.model.word_embeddings(shifted_ids)
+                else:
+                    embeds = roll_left(embeds, 1, 0.0)
+                    embeds[:, -1] = self.model.word_embeddings.weight[0].to(embeds.dtype)
                 h = layer(embeds, h, attention_mask=mask, position_embeddings=extras["position_embeddings"],
                           modality_ids=extras["modality_ids"])
                 mtp_logits.append(self.compute_logits(h))

@@ -138,3 +138,26 @@ def test_full_size_on_meta_has_the_model_card_parameter_counts():
     assert abs(total / 1e9 - 16.8) < 0.05, total
     assert abs(active / 1e9 - 2.75) < 0.02, active
     assert model.model.layers[0].mlp.gate.top_k == 6 and model.model.layers[0].mlp.experts.num_experts == 64
+
+
+def test_official_defaults_of_the_configuration_class():
+    # inclusionAI/Ling models/configuration_bailing_moe.py, BailingMoeConfig.__init__ (+ Ming's multi_gate,
+    # image_patch_token): an absent config.json field means what it means to the official code
+    config = LingLiteConfig()
+    official = {"vocab_size": 30592, "hidden_size": 1024, "intermediate_size": None, "num_hidden_layers": 24,
+                "use_bias": True, "use_qkv_bias": False, "rms_norm_eps": 1e-5, "norm_head": False,
+                "embedding_dropout": 0.1, "attention_dropout": 0.1, "output_dropout": 0.1,
+                "initializer_range": 0.02, "max_position_embeddings": 16384, "rope_theta": 10000.0,
+                "pad_token_id": 126081, "num_experts": 16, "num_shared_experts": 0, "num_experts_per_tok": 2,
+                "norm_topk_prob": True, "moe_intermediate_size": None, "first_k_dense_replace": 0,
+                "head_dim": 64, "multi_gate": False, "image_patch_token": 126346, "rope_scaling_type": None}
+    assert {k: getattr(config, k) for k in official} == official
+    assert config.num_key_value_heads == 16  # official default 0: one KV head per attention head
+
+
+def test_rope_scaling_3d_is_accepted_and_other_types_refused():
+    assert LingLiteConfig(rope_scaling={"type": "3D", "factor": None}).rope_scaling_type == "3D"
+    assert LingLiteConfig(rope_scaling=None).rope_scaling_type is None
+    for scaling in ({"type": "yarn", "factor": 4.0}, {"rope_type": "linear", "factor": 2.0}):
+        with pytest.raises(ValueError, match="rope_scaling.type"):
+            LingLiteConfig(rope_scaling=scaling)

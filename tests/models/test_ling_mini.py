@@ -62,13 +62,55 @@ def test_mtp_layer_combines_the_next_token_embedding_with_the_main_hidden_state(
     main = model.model(INPUT).last_hidden_state
     layer = model.model.layers[model.config.num_hidden_layers]
     assert layer.is_mtp_layer
-    embeds = model.model.word_embeddings(INPUT)
-    shifted = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1)
+    # official BailingMoeV2Model.forward: roll the ids left, the freed last position holds token id 0, embed
+    shifted_ids = torch.cat([INPUT[:, 1:], torch.zeros_like(INPUT[:, :1])], 1)
+    shifted = model.model.word_embeddings(shifted_ids)
     positions = torch.arange(11).unsqueeze(0)
     rope = model.model.rotary_emb(main, positions)
     mask = torch.full((11, 11), float("-inf")).triu(1)[None, None]
     expected = layer(shifted, main, attention_mask=mask, position_embeddings=rope)
     torch.testing.assert_close(out.mtp_logits[0], F.linear(expected, model.lm_head.weight), atol=1e-5, rtol=1e-5)
+
+
+def test_mtp_last_position_is_the_embedding_of_token_id_0_also_from_inputs_embeds():
+    model = tiny()
+    with torch.no_grad():
+        model.model.word_embeddings.weight[0].normal_(std=3.0)  # token 0 must matter at the last position
+    from_ids = model(INPUT, return_mtp=True).mtp_logits[0]
+    from_embeds = model(inputs_embeds=model.model.word_embeddings(INPUT), return_mtp=True).mtp_logits[0]
+    torch.testing.assert_close(from_embeds, from_ids)
+    with torch.no_grad():
+        model.model.word_embeddings.weight[0].zero_()  # what a zero-vector fill would compute
+    zero_filled = model(INPUT, return_mtp=True).mtp_logits[0]
+    torch.testing.assert_close(zero_filled[:, :-1], from_ids[:, :-1])  # causal: only the last position changes
+    assert not torch.allclose(zero_filled[:, -1], from_ids[:, -1], atol=1e-3)
+
+
+def test_absent_partial_rotary_factor_means_full_rope_as_the_official_code():
+    values = load_model_config("configs/models/tiny-ling-mini.yaml").backbone.config
+    values.pop("partial_rotary_factor")
+    model = build_backbone("ling-mini-2.0", values)
+    assert model.config.partial_rotary_factor == 1.0
+    assert model.model.rotary_emb.rotary_dim == model.config.head_dim  # 16 of 16
+    assert LingMiniConfig().partial_rotary_factor == 1.0
+
+
+def test_official_defaults_of_the_configuration_class():
+    # inclusionAI/Ling-V2 models/configuration_bailing_moe_v2.py, BailingMoeV2Config.__init__
+    config = LingMiniConfig()
+    official = {"routed_scaling_factor": 1.0, "num_nextn_predict_layers": 0, "mtp_loss_scaling_factor": 0,
+                "n_group": 8, "topk_group": 4, "use_qk_norm": True, "moe_router_enable_expert_bias": True,
+                "rms_norm_eps": 1e-6, "head_dim": 128, "first_k_dense_replace": 1,
+                "initializer_range": 0.02, "max_window_layers": 20, "tie_word_embeddings": False}
+    assert {k: getattr(config, k) for k in official} == official
+
+
+@pytest.mark.parametrize("field, value", [("score_function", "softmax"), ("norm_topk_prob", False),
+                                          ("router_dtype", "bf16"), ("moe_router_enable_expert_bias", False),
+                                          ("rope_scaling", {"type": "yarn", "factor": 4.0})])
+def test_values_the_official_code_would_not_honour_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        LingMiniConfig(**{field: value})
 
 
 def test_partial_rope_rotates_only_the_first_part_of_each_head():
