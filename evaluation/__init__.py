@@ -1,3 +1,4 @@
 """Evaluation: benchmark adapters (native release formats), official scorers, the generation runner,
 the prediction cache and the report. Importing the package registers every built-in benchmark."""
 from evaluation.benchmark import BENCHMARKS, Benchmark, DataError, MissingData, Result, Sample, Score  # noqa: F401
+from evaluation import ai2d, mmstar  # noqa: F401  (image benchmarks)

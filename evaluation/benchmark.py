@@ -87,6 +87,7 @@ class Score:
     protocol: str  # the rule set followed, named precisely (e.g. "VLMEvalKit MMStar: option extraction ...")
     metric: str  # what `value` is, e.g. "accuracy (%)", "score (/1000)"
     value: float | None
+    full_mark: float = 100.0  # the best possible value (OCRBench: 1000); the report's average uses value/full_mark
     categories: dict[str, float] = field(default_factory=dict)  # per-category / per-split values, same unit
     count: int = 0  # samples scored
     unparsed: int = 0  # predictions the official rule could not map to an answer (scored as its rule says)
@@ -130,6 +131,13 @@ class Benchmark:
 
     def score(self, results: list[Result]) -> Score:
         raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+    def results_from_table(self, table: Any, source: str) -> list[Result]:
+        """Results from a VLMEvalKit prediction table (a pandas DataFrame of its `.xlsx` / `.tsv` with a
+        `prediction` column), for `tools/eval.py --rescore`; benchmarks whose rows carry the ground truth
+        override this."""
+        raise DataError(f"{source}: {self.name} does not read VLMEvalKit prediction tables; rescore a predictions "
+                        f"JSONL written by tools/eval.py instead")
 
 
 class _BenchmarkRegistry(Registry):
