@@ -9,8 +9,9 @@ lazy reference whose `load()` returns one of those (decoded only when the sample
 of a thousand videos holds no frames until its batch comes).
 
 The processor applies the chat template (Ming-Lite-Omni's `<role>HUMAN</role>` style by default), expands
-every marker to `<image>` + N x `<imagePatch>` + `</image>` (likewise video, audio) with N the number of
-features the encoder and projector will produce for that very item, supervises only assistant turns
+every marker to `<image>` + N x `<imagePatch>` + `</image>` (likewise audio; a video becomes `<video>` + N x
+`<videoPatch>` + `</video>`, or `<imagePatch>` inside `<video>` with a tokenizer that has no `<videoPatch>`, as
+Ming's release) with N the number of features the encoder and projector will produce for that very item, supervises only assistant turns
 (labels -100 elsewhere), gives every token its modality id (0 text, 1 image, 2 audio, 3 video: the patch
 tokens carry their modality, the span delimiters are text) and truncates by dropping whole trailing
 turns, never through a placeholder span.
@@ -29,7 +30,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from data.media import MediaError, VideoClip, load_audio, load_image, load_video
-from data.tokenizer import EOS_TOKEN, MEDIA_TOKENS, PAD_TOKEN, check_special_tokens, load_tokenizer
+from data.tokenizer import (EOS_TOKEN, MEDIA_TOKENS, check_special_tokens, load_tokenizer, media_token_ids,
+                            pad_token_id)
 from encoders.video import VideoEncoder
 
 IGNORE_INDEX = -100
@@ -81,15 +83,20 @@ class OmniProcessor:
     -> VisionInputs` (encoders.video.VideoEncoder); `audio`: `([waveform]) -> AudioInputs` (the audio encoder's
     `preprocessor()`); `audio_tokens`: encoder frames -> placeholder count (the audio projector's `num_tokens`).
     `video_audio`: a video's audio track becomes an audio span right after its video span.
+    The tokenizer (a release's `tokenizer.json` unchanged, or ours) needs eos, the role markers and the span
+    tokens of the media kinds the processor has encoders for. `pad_id`: the release config's `pad_token_id`
+    (default `<pad>`, else `<|endoftext|>`).
     """
 
     def __init__(self, tokenizer: Tokenizer | str | Path, image: Any | None = None, video: Any | None = None,
                  audio: Callable | None = None, audio_tokens: Callable[[int], int] | None = None,
                  max_length: int = 2048, template: ChatTemplate | str = "ming", num_frames: int = 8,
-                 video_audio: bool = False) -> None:
+                 video_audio: bool = False, pad_id: int | None = None) -> None:
+        kinds = tuple(kind for kind, encoder in (("image", image), ("video", video), ("audio", audio)) if encoder)
+        source = "the processor's tokenizer"
         if not isinstance(tokenizer, Tokenizer):
-            tokenizer = load_tokenizer(tokenizer)
-        check_special_tokens(tokenizer, "the processor's tokenizer")
+            source, tokenizer = str(tokenizer), load_tokenizer(tokenizer, kinds)
+        check_special_tokens(tokenizer, source, kinds)
         if isinstance(template, str):
             if template not in TEMPLATES:
                 raise ValueError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
@@ -101,9 +108,10 @@ class OmniProcessor:
         self.image, self.video, self.audio = image, video, audio
         self.audio_tokens = audio_tokens or (lambda frames: frames)
         self.max_length, self.num_frames, self.video_audio = max_length, num_frames, video_audio
-        self.token_ids = {kind: tuple(tokenizer.token_to_id(t) for t in span) for kind, span in MEDIA_TOKENS.items()}
-        self.reserved_ids = {t for span in self.token_ids.values() for t in span}  # only the processor writes them
-        self.pad_id = tokenizer.token_to_id(PAD_TOKEN)
+        self.token_ids = media_token_ids(tokenizer, source, kinds)  # kind -> (start, patch, end) ids
+        # only the processor writes span tokens: any the tokenizer has are refused in text
+        self.reserved_ids = {tokenizer.token_to_id(t) for span in MEDIA_TOKENS.values() for t in span} - {None}
+        self.pad_id = pad_id if pad_id is not None else pad_token_id(tokenizer)
         self.eos_id = tokenizer.token_to_id(template.end_of_answer or EOS_TOKEN)
 
     @classmethod
@@ -120,9 +128,11 @@ class OmniProcessor:
         audio_tokens = getattr(model, "audio_tokens", None)
         if audio_tokens is None and getattr(model, "linear_proj_audio", None) is not None:
             audio_tokens = model.linear_proj_audio.num_tokens
+        pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         return cls(tokenizer, image=vision.preprocessor() if vision is not None else None, video=video,
                    audio=audio.preprocessor() if audio is not None else None, audio_tokens=audio_tokens,
-                   max_length=max_length, template=template, num_frames=num_frames, video_audio=video_audio)
+                   max_length=max_length, template=template, num_frames=num_frames, video_audio=video_audio,
+                   pad_id=pad_id)
 
     # ---- one sample -----------------------------------------------------------------------------------
     def __call__(self, sample: dict[str, Any], generation: bool = False) -> dict[str, Any]:
@@ -223,7 +233,8 @@ class OmniProcessor:
         if encoder is None:
             raise ProcessorError(f"sample {name} has {kind} input but the processor has no {kind} encoder")
         label = f"{name}/{kind}{index}"
-        if callable(getattr(item, "load", None)):  # a lazy reference (e.g. evaluation/video_media.py): decode now
+        if callable(getattr(item, "load", None)) and not isinstance(item, Image.Image):  # a lazy reference (e.g.
+            # evaluation/video_media.py): decode now. PIL images have a load() too: they are decoded already
             item = item.load()
         if kind == "image":
             image = item if isinstance(item, Image.Image) else load_image(_source(item, "image"), name=_name(item, label))
