@@ -11,6 +11,7 @@ continues exactly.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -49,8 +50,9 @@ class SkipTally:
         self.counts: Counter[str] = Counter(position.get("skipped", {}))
         self.last, self.last_at = position.get("last_skip", ""), position.get("last_skip_at", -1.0)
 
-    def add(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
+    def add(self, reason: str, detail: str, count: int = 1) -> None:
+        """`count` samples lost for `reason` (a damaged shard may lose several at once)."""
+        self.counts[reason] += count
         self.last, self.last_at = detail, time.time()
 
     def state(self) -> dict[str, Any]:
@@ -58,6 +60,25 @@ class SkipTally:
 
     def __str__(self) -> str:
         return f"{dict(self.counts)} skipped; latest: {self.last or '-'}"
+
+
+def skip_reason(err: BaseException) -> str:
+    """The tally key of a skipped sample: the `reason` our errors carry (also when wrapped, e.g. a MediaError
+    inside the processor's ProcessorError), else the exception type."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if getattr(seen, "reason", None):
+            return seen.reason
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+        return "bad_json"
+    return type(err).__name__
+
+
+def describe_error(err: BaseException, key: str) -> str:
+    """A skip message that names the sample (most of our errors already do) and, when unknown, the error type."""
+    detail = str(err) or type(err).__name__
+    return detail if key in detail else f"sample {key}: {type(err).__name__}: {detail}"
 
 
 class _WorkerStreams(IterableDataset):

@@ -3,9 +3,11 @@
 One sample per line: `{"id"?, "conversation": [{"role", "content"}] | "caption": str, "image" | "images",
 "audio" | "audios", "video" | "videos"}` with media paths relative to the manifest. Samples are decoded
 and processed on the fly; a sample that cannot be (corrupt media, a marker without its media, too long)
-is skipped and counted by reason, never fatal. The stream position is (epoch, samples consumed), so a
-restart continues with the next unseen sample of the same seeded order (data/loader.py runs it in
-DataLoader workers).
+is skipped and counted by reason, never fatal (whatever the exception); media sizes are checked from
+their headers first (data/media.py `MediaLimits`). A line that is not a sample record (not JSON, not an
+object, no conversation or caption, media fields that are not paths) is refused by `read_manifest`,
+naming the line. The stream position is (epoch, samples consumed), so a restart continues with the next
+unseen sample of the same seeded order (data/loader.py runs it in DataLoader workers).
 """
 from __future__ import annotations
 
@@ -17,9 +19,8 @@ from typing import Any
 import torch
 
 from data.batching import make_batcher
-from data.loader import SkipTally
-from data.media import MediaError
-from data.processor import ProcessorError
+from data.loader import SkipTally, describe_error, skip_reason
+from data.media import MediaLimits, decode_media, media_limits
 
 MEDIA_FIELDS = {"image": "images", "audio": "audios", "video": "videos"}
 CAPTION_PROMPTS = {"images": "<image>\nDescribe the image.", "videos": "<video>\nDescribe the video.",
@@ -54,10 +55,16 @@ def to_sample(record: dict[str, Any], root: Path, where: str) -> dict[str, Any]:
     sample: dict[str, Any] = {"id": str(record.get("id", where))}
     for single, plural in MEDIA_FIELDS.items():
         items = record.get(plural, [record[single]] if single in record else [])
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+            raise ManifestError(f"{where}: `{plural}` must be a list of file paths, got {json.dumps(items)[:60]}")
         sample[plural] = [str(root / item) for item in items]
     if "conversation" in record:
         sample["conversation"] = record["conversation"]
     elif "caption" in record:
+        if not isinstance(record["caption"], str) or not record["caption"].strip():
+            raise ManifestError(f"{where}: `caption` must be a non-empty string, got {json.dumps(record['caption'])[:60]}")
         kind = next((k for k in ("images", "videos", "audios") if sample[k]), None)
         prompt = CAPTION_PROMPTS[kind] if kind else "Write a sentence."
         sample["conversation"] = [{"role": "user", "content": prompt},
@@ -83,8 +90,10 @@ class ManifestStream:
 
     def __init__(self, samples: list[dict[str, Any]], process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 drop_last: bool = True, pack_length: int | None = None, pad_id: int = 0) -> None:
+                 drop_last: bool = True, pack_length: int | None = None, pad_id: int = 0,
+                 limits: MediaLimits | None = None) -> None:
         self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
+        self.limits = limits if limits is not None else media_limits(process)
         if not samples:
             raise ValueError("the manifest has no samples")
         self.samples, self.process, self.collate, self.batch_size = samples, process, collate, batch_size
@@ -131,9 +140,9 @@ class ManifestStream:
                 before = {**pos, **skips.state()}
                 pos["index"] += 1
                 try:
-                    example = self.process(sample)
-                except (MediaError, ProcessorError) as err:
-                    skips.add(type(err).__name__, str(err))
+                    example = self.process(decode_media(sample, self.limits, sample["id"]))
+                except Exception as err:  # noqa: BLE001 -- any failure of one sample skips it, by reason
+                    skips.add(skip_reason(err), describe_error(err, sample["id"]))
                     continue
                 if not batcher.fits(example):  # packing: this example opens the next batch
                     yielded_this_epoch += 1

@@ -19,8 +19,7 @@ from typing import Any
 
 from data.batching import make_batcher
 from data.loader import SkipTally
-from data.pipeline import (SAMPLE_ERRORS, ShardReader, ShardSampleError, describe, list_shards, read_sizes,
-                           to_sample)
+from data.pipeline import MediaLimits, ShardReader, list_shards, media_limits, process_group, read_sizes
 
 
 @dataclass
@@ -40,8 +39,9 @@ class MixtureStream:
 
     def __init__(self, sources: list[MixtureSource], process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 pack_length: int | None = None, pad_id: int = 0) -> None:
+                 pack_length: int | None = None, pad_id: int = 0, limits: MediaLimits | None = None) -> None:
         self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
+        self.limits = limits if limits is not None else media_limits(process)
         if not sources:
             raise ValueError("a mixture needs at least one dataset")
         names = [s.name for s in sources]
@@ -53,6 +53,7 @@ class MixtureStream:
         self.sources = sources
         self.shards = {s.name: list_shards(s.shards) for s in sources}
         sizes = [read_sizes(s.shards, self.shards[s.name]) for s in sources]
+        self.sizes = {s.name: size for s, size in zip(sources, sizes)}  # None for remote shards
         self.total_samples = None if None in sizes else sum(map(sum, sizes))  # None: remote shards, no epochs
         self.process, self.collate, self.batch_size = process, collate, batch_size
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
@@ -84,7 +85,9 @@ class MixtureStream:
 
         def open_reader(name: str) -> None:
             shard, shard_seed, emitted = open_shards[name]
-            shard_readers[name] = ShardReader(self.shards[name][shard], shard_seed, self.shuffle_buffer)
+            sizes = self.sizes[name]
+            shard_readers[name] = ShardReader(self.shards[name][shard], shard_seed, self.shuffle_buffer,
+                                              expected=sizes[shard] if sizes else None)
             readers[name] = shard_readers[name].groups(emitted)
 
         for name in open_shards:
@@ -104,9 +107,8 @@ class MixtureStream:
                     if group is not None:
                         open_shards[name][2] += 1
                         return group
-                    reader = shard_readers[name]
-                    if reader.error:
-                        skips.add(reader.error, f"{reader.path}: {reader.error}, the rest of it is left out")
+                    for reason, message, lost in shard_readers[name].report():
+                        skips.add(reason, f"{name}: {message}", lost)
                     del readers[name], open_shards[name]
                 open_shards[name] = [rng.randrange(len(self.shards[name])), rng.getrandbits(62), 0]
                 open_reader(name)
@@ -119,10 +121,8 @@ class MixtureStream:
             name = rng.choices(self.sources, weights)[0].name
             group = next_group(name)
             drawn[name] += 1
-            try:
-                example = self.process(to_sample(group))
-            except (ShardSampleError, *SAMPLE_ERRORS) as err:
-                skips.add(type(err).__name__, f"{name}: {describe(err, group)}")
+            example = process_group(group, self.process, self.limits, skips)
+            if example is None:
                 continue
             if not batcher.fits(example):
                 yield batcher.flush(), before

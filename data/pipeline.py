@@ -13,65 +13,121 @@ early on one rank even when bad samples or packing make epochs uneven.
 
 Position of a stream: (epoch, shard index, samples emitted by that shard's shuffle buffer, batches
 yielded, skip counts). Resuming re-reads the current shard's tar without decoding up to the position,
-replaying the same shuffle. Bad samples and truncated shards are skipped and counted.
+replaying the same shuffle.
+
+Bad data never ends a run. Any exception while turning one sample into model inputs (decoding, JSON of
+the wrong shape, the processor) skips that sample, counted by reason, with a message naming the shard and
+the key. Media sizes are checked from their headers first (`MediaLimits`). Tars are read with `tarfile`
+(webdataset's `gopen` for URLs) rather than webdataset's own iterator so that damage is located: a corrupt
+header mid-shard is skipped over (the members after it are kept; the samples next to it are skipped), a
+truncated tar, a gzip CRC or inflate error in a `.tar.gz`, and duplicate keys are reported with the shard and
+the byte offset, and where `sizes.json` gives the shard's sample count, the number of samples lost.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import re
+import shutil
 import tarfile
+import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 
 from data.batching import make_batcher
-from data.loader import SkipTally
+from data.loader import SkipTally, describe_error, skip_reason
 from data.manifest import CAPTION_PROMPTS
-from data.media import MediaError
-from data.processor import ProcessorError
+from data.media import MediaLimits, decode_media, media_limits
 
 MEDIA_KINDS = {"img": "images", "jpg": "images", "jpeg": "images", "png": "images", "webp": "images",
                "aud": "audios", "wav": "audios", "flac": "audios", "mp3": "audios",
                "vid": "videos", "mp4": "videos", "mkv": "videos", "webm": "videos"}
-SAMPLE_ERRORS = (MediaError, ProcessorError, json.JSONDecodeError, UnicodeDecodeError)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # The shuffle buffer also stops growing at this many raw sample bytes per worker: 1000 video samples of a
 # few MB each would otherwise hold gigabytes in every worker.
 SHUFFLE_BUFFER_BYTES = 256 << 20
+BLOCK = tarfile.BLOCKSIZE
 
 
 class ShardSampleError(ValueError):
-    """A shard member group is not a usable sample (e.g. no `.json` and no `.txt` caption)."""
+    """A shard member group is not a usable sample (no text, JSON of the wrong shape, damaged, duplicate)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (str(self), self.reason)
+
+
+def _member_order(suffix: str) -> tuple[int, str]:
+    """`img10.png` after `img9.png`: the number in a member's first name part, then its name."""
+    digits = re.match(r"[a-z_]*(\d*)", suffix.split(".")[0]).group(1)
+    return int(digits) if digits else -1, suffix
 
 
 def to_sample(group: dict[str, Any]) -> dict[str, Any]:
-    """A WebDataset member group -> a processor sample (media stay bytes; the processor decodes them)."""
+    """A WebDataset member group -> a processor sample (media stay bytes; the processor decodes them).
+
+    Media members are matched to the `<image>` ... markers in the order the `.json` lists them (make_shards
+    writes `images: [img0.png, ...]`), else by their index (`img10` after `img9`)."""
     key = group["__key__"]
-    record = json.loads(group["json"]) if "json" in group else {}
+    if "__problem__" in group:
+        reason, message = group["__problem__"]
+        raise ShardSampleError(f"sample {key}: {message}", reason)
+    record: Any = json.loads(group["json"]) if "json" in group else {}
+    if not isinstance(record, dict):
+        raise ShardSampleError(f"sample {key}: .json holds a {type(record).__name__} ({json.dumps(record)[:60]}), "
+                               f"not an object", "bad_json")
     sample: dict[str, Any] = {"id": key, "images": [], "audios": [], "videos": []}
-    for member in sorted(k for k in group if not k.startswith("__") and k not in ("json", "txt")):
+    members = {kind: [] for kind in ("images", "audios", "videos")}
+    for member in sorted((k for k in group if not k.startswith("__") and k not in ("json", "txt")), key=_member_order):
         kind = MEDIA_KINDS.get(member.split(".")[0].rstrip("0123456789")) or MEDIA_KINDS.get(member.split(".")[-1])
         if kind:
-            sample[kind].append(group[member])
+            members[kind].append(member)
+    for kind, found in members.items():
+        listed = record.get(kind)
+        if isinstance(listed, list) and listed and all(isinstance(m, str) for m in listed) and set(listed) & set(found):
+            missing = [m for m in listed if m not in group]
+            if missing:
+                raise ShardSampleError(f"sample {key}: .json lists {', '.join(missing)}, not in the shard",
+                                       "missing_member")
+            found = listed
+        sample[kind] = [group[m] for m in found]
+        sample[f"{kind}_members"] = found  # names for messages
     if "conversation" in record:
         sample["conversation"] = record["conversation"]
     else:
-        caption = record.get("caption") or (group["txt"].decode("utf-8") if "txt" in group else None)
-        if not caption:
-            raise ShardSampleError(f"sample {key}: no .json conversation and no caption")
+        caption = record.get("caption")
+        if caption is None and "txt" in group:
+            caption = group["txt"].decode("utf-8")
+        if caption is not None and not isinstance(caption, str):
+            raise ShardSampleError(f"sample {key}: `caption` is a {type(caption).__name__}, not a string", "bad_json")
+        if not caption or not caption.strip():
+            raise ShardSampleError(f"sample {key}: no .json conversation and no caption", "no_text")
         kind = next((k for k in ("images", "videos", "audios") if sample[k]), None)
         sample["conversation"] = [{"role": "user", "content": CAPTION_PROMPTS[kind] if kind else "Write a sentence."},
                                   {"role": "assistant", "content": caption}]
     return sample
 
 
-def describe(err: Exception, group: dict[str, Any]) -> str:
-    """A skip reason that names the sample (most of our errors already do)."""
-    key = str(group.get("__key__"))
-    return str(err) if key in str(err) else f"sample {key}: {type(err).__name__}: {err}"
+def process_group(group: dict[str, Any], process: Callable[[dict], Any], limits: MediaLimits,
+                  skips: SkipTally) -> Any | None:
+    """The model inputs of one shard sample, or None when it is skipped (counted in `skips`). Any exception
+    skips the sample, whatever its type: a sample must never end a run."""
+    shard = shard_name(str(group.get("__url__", "")))
+    try:
+        return process(decode_media(to_sample(group), limits, f"{shard}/{group['__key__']}"))
+    except Exception as err:  # noqa: BLE001 -- decoders and user data raise anything; the reason is tallied
+        skips.add(skip_reason(err), f"{shard}: {describe_error(err, str(group['__key__']))}")
+        return None
 
 
 def count_samples(shard: Path) -> int:
@@ -115,12 +171,12 @@ def is_local(source: str | Path) -> bool:
 
 
 def list_shards(source: str | Path) -> list[str]:
-    """The shards of `source`: a local directory's `*.tar` files, sorted, or a brace pattern of shard URLs
+    """The shards of `source`: a local directory's `*.tar` (and `.tar.gz`, `.tgz`) files, sorted, or a brace pattern of shard URLs
     as webdataset opens them (`pipe:aws s3 cp s3://bucket/{00000..00099}.tar -`, `https://.../{0..9}.tar`)."""
     if is_local(source):
-        shards = sorted(str(p) for p in Path(source).glob("*.tar"))
+        shards = sorted(str(p) for p in Path(source).iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
         if not shards:
-            raise ValueError(f"{source} has no .tar shards (write them with tools/make_shards.py)")
+            raise ValueError(f"{source} has no .tar (or .tar.gz) shards (write them with tools/make_shards.py)")
         return shards
     text = str(source)
     if not (text.startswith("pipe:") or "://" in text or "{" in text):
@@ -133,31 +189,133 @@ def shard_name(shard: str) -> str:
     return shard.rstrip(" -").split("/")[-1]
 
 
+class _CountingReader:
+    """A read-only stream that counts the bytes read from it (where damage lies, whether the tar ended)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+
 class ShardReader:
     """The groups of one shard through a seeded shuffle buffer, resumable after `emitted` groups.
 
-    A truncated or corrupt tar ends the groups early and sets `error`; the caller counts it. Resuming
-    re-reads the tar from its start (without decoding any media) to replay the same shuffle.
+    Damage does not end the shard silently: groups next to damage carry `__problem__` (to_sample turns it
+    into a skip naming the key), and `report()` gives the shard-level problems with byte offsets once the
+    shard has been read, with the samples lost when `expected` (the shard's sizes.json count) is known.
+    Resuming re-reads the tar from its start (without decoding any media) to replay the same shuffle.
     """
 
     def __init__(self, path: str | Path, seed: int, shuffle_buffer: int,
-                 max_buffer_bytes: int = SHUFFLE_BUFFER_BYTES) -> None:
+                 max_buffer_bytes: int = SHUFFLE_BUFFER_BYTES, expected: int | None = None) -> None:
         self.path, self.seed, self.shuffle_buffer, self.max_buffer_bytes = path, seed, shuffle_buffer, max_buffer_bytes
-        self.error: str | None = None  # set when the tar turned out truncated or corrupt
+        self.expected = expected
+        self.name = shard_name(str(path))
+        self.problems: list[tuple[str, str]] = []  # (reason, where and what) of the damage found
+        self.seen = 0  # groups read, kept or not
         self.peak_buffer_bytes = 0
 
-    def _raw(self) -> Iterator[dict[str, Any]]:
-        dataset = wds.WebDataset(str(self.path), shardshuffle=False, empty_check=False,
-                                 nodesplitter=None, workersplitter=None)  # we split by rank/worker ourselves
-        reader = iter(dataset)
-        while True:
+    def _open(self) -> IO[bytes]:
+        """The uncompressed tar: a local file, or a URL through webdataset's gopen (`pipe:`, https). A gzip
+        shard is inflated into a temporary file first, so a CRC error (found only at its end) is known before
+        any of its samples is used."""
+        local = Path(self.path).is_file()
+        raw = open(self.path, "rb") if local else wds.gopen(str(self.path))
+        if not str(self.path).rstrip(" -").endswith((".gz", ".tgz")):
+            return raw
+        spool = tempfile.TemporaryFile()
+        with raw:
             try:
-                yield next(reader)
-            except StopIteration:
+                with gzip.GzipFile(fileobj=raw) as inflated:
+                    shutil.copyfileobj(inflated, spool, 1 << 20)
+            except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+                if "CRC" in str(err) or "length" in str(err).lower():  # wrong bytes somewhere: trust none of them
+                    self.problems.append(("gzip_crc", f"{self.name}: gzip {err} after {spool.tell()} inflated bytes: "
+                                                      f"its data is corrupt somewhere, so none of it is used"))
+                    spool.truncate(0)
+                else:  # inflation stopped here: what came before is intact
+                    self.problems.append(("gzip_damage", f"{self.name}: gzip stream broken at inflated byte "
+                                                         f"{spool.tell()} ({type(err).__name__}: {err})"))
+        spool.seek(0)
+        return spool
+
+    def _raw(self) -> Iterator[dict[str, Any]]:
+        self.problems, self.seen = [], 0
+        counter = _CountingReader(self._open())
+        group: dict[str, Any] | None = None
+        first_offset: dict[str, int] = {}  # key -> byte offset of its first member (duplicate keys)
+        end = 0  # where the next header should start
+        after_damage: str | None = None
+        try:
+            if self.problems and self.problems[-1][0] == "gzip_crc":
                 return
-            except (tarfile.TarError, OSError, ValueError) as err:
-                self.error = f"unreadable shard ({type(err).__name__})"
-                return
+            with tarfile.open(fileobj=counter, mode="r|", ignore_zeros=True) as tar:  # skips over bad headers
+                for member in tar:
+                    if member.offset > end:  # the blocks in between held no valid header
+                        after_damage = f"next to corrupt tar data at byte {end} (left out: its members may be lost)"
+                        self.problems.append(("tar_damage", f"{self.name}: {member.offset - end} bytes of corrupt tar "
+                                                            f"data at byte {end}, after {self.seen} sample(s); "
+                                                            f"reading resumed at byte {member.offset}"))
+                        if group is not None:
+                            group["__problem__"] = ("tar_damage", after_damage)
+                    end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+                    key, suffix = _split_member(member.name) if member.isfile() else (None, None)
+                    if key is None:
+                        continue
+                    data = tar.extractfile(member).read()
+                    if group is None or key != group["__key__"]:
+                        if group is not None:
+                            yield self._done(group)
+                        group = {"__key__": key, "__url__": str(self.path)}
+                        if after_damage:
+                            group["__problem__"], after_damage = ("tar_damage", after_damage), None
+                        if key in first_offset:
+                            group["__problem__"] = ("duplicate_key", f"the key appears again at byte {member.offset} "
+                                                                     f"of {self.name} (first at byte {first_offset[key]})")
+                        first_offset.setdefault(key, member.offset)
+                    if suffix in group:
+                        group["__problem__"] = ("duplicate_key", f"member .{suffix} twice (again at byte {member.offset} "
+                                                                 f"of {self.name})")
+                    group[suffix] = data
+            if counter.count - end < 2 * BLOCK:  # every tar writer ends with two zero blocks
+                self.problems.append(("tar_truncated", f"{self.name}: ends at byte {counter.count} without the "
+                                                       f"end-of-archive marker (truncated) after {self.seen} sample(s)"))
+                if group is not None:
+                    group["__problem__"] = ("tar_truncated", f"the last sample of truncated {self.name}")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            kind = "not_a_tar" if counter.count <= BLOCK and group is None else "tar_truncated"
+            self.problems.append((kind, f"{self.name}: unreadable at byte {counter.count} after {self.seen} sample(s) "
+                                        f"({type(err).__name__}: {err})"))
+            if group is not None:
+                group["__problem__"] = (kind, f"cut off by the damage at byte {counter.count} of {self.name}")
+        if group is not None:
+            yield self._done(group)
+
+    def _done(self, group: dict[str, Any]) -> dict[str, Any]:
+        self.seen += 1
+        return group
+
+    def report(self) -> list[tuple[str, str, int]]:
+        """(reason, message, samples) of each problem found, once the shard has been read: the samples lost are
+        counted from `expected` (sizes.json) when it is known; 1 (the event) otherwise."""
+        lost = max(0, self.expected - self.seen) if self.expected is not None else None
+        report = []
+        for index, (reason, message) in enumerate(self.problems):
+            if lost is None:
+                report.append((reason, f"{message}; the samples lost are not known (no sizes.json)", 1))
+            elif index == len(self.problems) - 1:  # the count covers the whole shard: attach it once
+                report.append((reason, f"{message}; {self.seen} of {self.expected} samples (sizes.json) read, "
+                                       f"{lost} lost", max(lost, 1)))
+            else:
+                report.append((reason, message, 0))
+        if not self.problems and lost:
+            report.append(("samples_missing", f"{self.name}: {self.seen} samples, but sizes.json says "
+                                              f"{self.expected}: {lost} lost", lost))
+        return report
 
     def groups(self, emitted: int = 0) -> Iterator[dict[str, Any]]:
         """Groups in shuffled order, without the first `emitted` (already consumed before a restart)."""
@@ -183,6 +341,14 @@ class ShardReader:
         yield from buffer
 
 
+def _split_member(name: str) -> tuple[str | None, str | None]:
+    """`dir/s001.img0.png` -> (`dir/s001`, `img0.png`), as webdataset's `base_plus_ext` (suffix lower-cased)."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    if not match or match.group(1).split("/")[-1].startswith("."):
+        return None, None
+    return match.group(1), match.group(2).lower()
+
+
 def _group_bytes(group: dict[str, Any]) -> int:
     return sum(len(value) for value in group.values() if isinstance(value, bytes))
 
@@ -194,8 +360,9 @@ class ShardStream:
 
     def __init__(self, source: str | Path, process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 pack_length: int | None = None, pad_id: int = 0) -> None:
+                 pack_length: int | None = None, pad_id: int = 0, limits: MediaLimits | None = None) -> None:
         self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
+        self.limits = limits if limits is not None else media_limits(process)
         self.source = str(source)
         self.shards = list_shards(source)
         if len(self.shards) < world_size:
@@ -274,14 +441,13 @@ class ShardStream:
             while pos["shard_index"] < len(shards) and (budget is None or pos["yielded"] < budget):
                 path = self.shards[shards[pos["shard_index"]]]
                 reader = ShardReader(path, self.seed * 1_000_003 + pos["epoch"] * 10_007 + shards[pos["shard_index"]],
-                                     self.shuffle_buffer)
+                                     self.shuffle_buffer,
+                                     expected=self.sizes[shards[pos["shard_index"]]] if self.sizes else None)
                 for group in reader.groups(pos["emitted"]):
                     before = snapshot()
                     pos["emitted"] += 1
-                    try:
-                        example = self.process(to_sample(group))
-                    except (ShardSampleError, *SAMPLE_ERRORS) as err:
-                        skips.add(type(err).__name__, f"{shard_name(path)}: {describe(err, group)}")
+                    example = process_group(group, self.process, self.limits, skips)
+                    if example is None:
                         continue
                     if not batcher.fits(example):  # packing: close the batch; this example starts the next
                         pos["yielded"] += 1
@@ -293,8 +459,8 @@ class ShardStream:
                         if budget is not None and pos["yielded"] == budget:
                             break
                 else:
-                    if reader.error:
-                        skips.add(reader.error, f"{path}: {reader.error}, the rest of it is left out")
+                    for reason, message, lost in reader.report():
+                        skips.add(reason, message, lost)
                     pos["shard_index"], pos["emitted"] = pos["shard_index"] + 1, 0
             if budget is None and not batcher.empty:  # the epoch's partial batch (packing, remote shards)
                 pos["yielded"] += 1
