@@ -50,8 +50,15 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 16  # micro-batch per device
     eval_fraction: float = 0.05
+    # media bounds, read from headers before decoding (data/media.py MediaLimits); a sample over them is skipped
+    max_image_pixels: int = 1 << 25  # width x height (PIL's own bomb limit is 89 M)
+    max_audio_seconds: float | None = None  # None: the longest clip whose tokens fit the model's max_length
+    max_video_seconds: float | None = 3600.0
 
     def __post_init__(self) -> None:
+        if self.max_image_pixels < 1 or (self.max_audio_seconds is not None and self.max_audio_seconds <= 0) or \
+                (self.max_video_seconds is not None and self.max_video_seconds <= 0):
+            raise ValueError("data.max_image_pixels, data.max_audio_seconds and data.max_video_seconds must be > 0")
         if self.kind == "manifest" and self.manifest is None:
             raise ValueError("data.kind=manifest needs data.manifest (a JSONL file of samples)")
         if self.kind == "shards" and (self.shards is None) == (not self.mixture):

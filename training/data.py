@@ -14,6 +14,7 @@ from torch import nn
 
 from data.manifest import ManifestStream, read_manifest
 from data.loader import StreamLoader
+from data.media import MediaLimits, media_limits
 from data.mixture import MixtureStream
 from data.pipeline import ShardStream
 from data.processor import OmniProcessor
@@ -57,7 +58,7 @@ def train_stream(config: TrainConfig, model: nn.Module) -> Any:
     processor = processor_for(model, config)
     common = dict(process=processor, collate=processor.collate, batch_size=data.batch_size, seed=config.seed,
                   rank=rank, world_size=world, pack_length=processor.max_length if data.pack else None,
-                  pad_id=processor.pad_id)
+                  pad_id=processor.pad_id, limits=stream_limits(config, processor))
     if data.kind == "manifest":
         stream = ManifestStream(read_manifest(data.manifest), **common)
     elif data.mixture:
@@ -66,6 +67,12 @@ def train_stream(config: TrainConfig, model: nn.Module) -> Any:
         stream = ShardStream(data.shards, shuffle_buffer=data.shuffle_buffer, **common)
     return StreamLoader(stream, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
                         pin_memory=torch.cuda.is_available(), timeout_s=data.timeout_s)
+
+
+def stream_limits(config: TrainConfig, processor: OmniProcessor) -> MediaLimits:
+    """`data.max_*` media bounds (audio: from the model's max_length unless set)."""
+    data = config.data
+    return media_limits(processor, data.max_image_pixels, data.max_audio_seconds, data.max_video_seconds)
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -87,5 +94,5 @@ def held_out_batches(config: TrainConfig, model: nn.Module, max_batches: int, ba
     processor = processor_for(model, config)
     samples = read_manifest(data.eval_manifest)
     stream = ManifestStream(samples, processor, processor.collate, min(batch_size, len(samples)), shuffle=False,
-                            drop_last=False)
+                            drop_last=False, limits=stream_limits(config, processor))
     return list(islice(stream.one_epoch(), max_batches))
