@@ -1,7 +1,10 @@
-"""Train a model: `python -m tools.train configs/train/tiny-ordmoe.yaml [key=value ...]`.
+"""Train a model: `python -m tools.train configs/train/tiny-ordmoe-text.yaml [key=value ...] [--check]`.
 
 Overrides use dotted keys, e.g. `objective.tiers.num_tiers=4 optim.lr=1e-4 steps=50`. A run resumes
-from the latest checkpoint in its `output_dir` unless `resume=false`.
+from the latest checkpoint in its `output_dir` unless `resume=false`. The whole run is validated before
+anything is written (config, model, tier plan, tokenizer, data, output directory, device): a refusal is
+one line naming the file and the key, exit code 2. `--check` validates and prints what the run would
+do, and writes nothing.
 """
 from __future__ import annotations
 
@@ -13,23 +16,40 @@ import models  # noqa: F401  (registers the backbones)
 from models.config import ConfigError, load_config
 from training.config import TrainConfig
 from training.loop import train
+from training.run_dir import inspect_run_dir
+from training.validate import validate_run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="training config YAML (configs/train/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested sections")
+    parser.add_argument("--check", action="store_true", help="validate the run and print what it would do; write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to metrics.jsonl)")
     args = parser.parse_args(argv)
+    source = args.config + (f" (with overrides {' '.join(args.overrides)})" if args.overrides else "")
     try:
         config = load_config(TrainConfig, args.config, args.overrides)
-    except ConfigError as err:
+        plan = validate_run(config, source)
+        state = inspect_run_dir(plan)
+        if args.check:
+            print(plan.describe())
+            print(f"output_dir: {plan.output_dir} ({describe_state(state)})")
+            return 0
+        metrics = train(config, show_progress=not args.no_progress)
+    except ConfigError as err:  # RunRefused too: the run was refused before it wrote anything
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = train(config, show_progress=not args.no_progress)
     print(json.dumps({"output_dir": config.output_dir, **{k: round(v, 5) if isinstance(v, float) else v
                                                           for k, v in metrics.items()}}, indent=1))
     return 0
+
+
+def describe_state(state) -> str:
+    if state.mode == "resume":
+        return f"resume from {state.checkpoint.name} (verified when the run starts)"
+    return {"new": "a new run", "restart": "restart of a run that has no checkpoint yet",
+            "overwrite": "overwrite: the old run is moved aside first"}[state.mode]
 
 
 if __name__ == "__main__":

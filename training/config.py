@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from data.mixture import MixtureSource
 from training.objectives import ObjectiveConfig
 
@@ -80,7 +82,7 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0
-    deterministic: bool = False  # bit-reproducible runs and resumes (deterministic kernels; a little slower)
+    deterministic: bool | None = None  # bit-reproducible runs and resumes; None: true on CPU, false on GPU (README)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen in this stage
@@ -90,8 +92,11 @@ class TrainConfig:
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+    overwrite: bool = False  # resume=false over an earlier run: move it aside to <output_dir>.replaced-<time>/
 
     def __post_init__(self) -> None:
+        if self.deterministic is None:  # CPU runs resume bit-exact by default; GPU kernels pay for it (README)
+            self.deterministic = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
         for key in ("steps", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -5,6 +5,7 @@ Every stream yields collated batches forever (epoch after epoch) and has `state_
 """
 from __future__ import annotations
 
+import os
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,27 @@ def processor_for(model: nn.Module, config: TrainConfig) -> OmniProcessor:
                                    temporal_pool=model_config.video.temporal_pool)
 
 
+def ensure_tokenizer(config: TrainConfig, vocab_size: int) -> Path:
+    """The text run's tokenizer: `data.tokenizer`, or a BPE sized to the model trained once on the corpus
+    into output_dir (deterministic; written to a temporary file and renamed, so it is never torn)."""
+    if config.data.tokenizer is not None:
+        return Path(config.data.tokenizer)
+    tokenizer = Path(config.output_dir) / "tokenizer.json"
+    if not tokenizer.is_file():
+        tmp = tokenizer.with_name(f".tmp-{tokenizer.name}.{os.getpid()}")
+        try:
+            train_tokenizer(config.data.corpus or CORPUS, tmp, vocab_size)
+            os.replace(tmp, tokenizer)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return tokenizer
+
+
 def text_chunks(config: TrainConfig, model: nn.Module) -> TextChunks:
     data = config.data
-    corpus, tokenizer = data.corpus or CORPUS, data.tokenizer
-    if tokenizer is None:  # a BPE sized to the model, trained once on the corpus
-        tokenizer = Path(config.output_dir) / "tokenizer.json"
-        if not tokenizer.is_file():
-            train_tokenizer(corpus, tokenizer, model.get_input_embeddings().num_embeddings)
-    chunks = TextChunks(corpus, tokenizer, data.seq_len, data.eval_fraction)
     vocab = model.get_input_embeddings().num_embeddings
+    tokenizer = ensure_tokenizer(config, vocab)
+    chunks = TextChunks(data.corpus or CORPUS, tokenizer, data.seq_len, data.eval_fraction)
     if chunks.tokenizer.get_vocab_size() > vocab:
         raise ValueError(f"tokenizer {tokenizer} has {chunks.tokenizer.get_vocab_size()} tokens but the model's "
                          f"embedding has {vocab} rows")

@@ -8,18 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
 from models.build import build_model
-from models.config import to_dict
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import train_stream
 from training.engine import PlainEngine, resolve_device
 from training.objectives import build_objective
 from training.run_log import RunLog, plot_training_curves
+from training.run_dir import start_run
 
 
 def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
@@ -44,13 +43,13 @@ def make_deterministic() -> None:
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the training job `config` describes; returns the final metrics."""
+    start_run(config)  # validate the whole run, then claim output_dir: lock, resume/overwrite rules, run.json, event
     if config.deterministic:
         make_deterministic()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "train_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     model = build_model(config.model)
     frozen = freeze_parameters(model, config.freeze)
