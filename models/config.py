@@ -17,11 +17,13 @@ class ConfigError(ValueError):
     """A config value is unknown, missing or of the wrong type; the message names the key and the file."""
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML mapping; `base: other.yaml` (relative to this file) is merged underneath it."""
     path = Path(path)
+    if path.resolve() in _chain:  # a `base:` cycle: name every file of it
+        raise ConfigError(f"{_chain[-1]}: base: cycle {' -> '.join(map(str, (*_chain, path.resolve())))}")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{_chain[-1]}: base: {path} not found" if _chain else f"config file not found: {path}")
     with path.open() as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -31,7 +33,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is not None:
-        data = merge(read_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base = {base!r} must be a file name (relative to {path.parent})")
+        data = merge(read_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
 
 
