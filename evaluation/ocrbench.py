@@ -37,10 +37,12 @@ class OCRBench(Benchmark):
             if missing:
                 raise DataError(f"{path} record {number}: missing key(s) {', '.join(missing)}")
             answers = record["answers"]
-            yield Sample(id=str(record["id"]), answer=answers if isinstance(answers, list) else [answers],
+            # ids repeat across source datasets: the position is the sample id (VLMEvalKit's TSV `index` too)
+            yield Sample(id=str(number), answer=answers if isinstance(answers, list) else [answers],
                          conversation=[{"role": "user", "content": "<image>\n" + record["question"]}],
                          images=[str(images / record["image_path"])],
-                         meta={"dataset": record["dataset_name"], "category": record["type"]})
+                         meta={"dataset": record["dataset_name"], "category": record["type"],
+                               "source_id": record["id"]})
 
     def score(self, results: list[Result]) -> Score:
         fold = self.protocol == "lmms-eval"
