@@ -243,23 +243,37 @@ def sample_indices(total: int, num_frames: int, short_video: Literal["all", "rep
     return np.floor((np.arange(num_frames) + 0.5) * total / num_frames).astype(int).tolist()
 
 
-def _frames_decord(data: bytes, num_frames: int, short_video: str) -> tuple[np.ndarray, list[int], int, float]:
+def window_indices(total: int, fps: float, num_frames: int, short_video: Literal["all", "repeat"] = "all",
+                   window: tuple[float, float] | None = None) -> list[int]:
+    """`sample_indices` over the frames inside `window` (start, end seconds; the whole clip when None)."""
+    if window is None:
+        return sample_indices(total, num_frames, short_video)
+    if fps <= 0:
+        raise ValueError("the clip declares no frame rate, so a time window cannot be located")
+    first = min(max(0, int(window[0] * fps)), total - 1)
+    last = max(first, min(total - 1, int(np.ceil(window[1] * fps)) - 1))
+    return [first + i for i in sample_indices(last - first + 1, num_frames, short_video)]
+
+
+def _frames_decord(data: bytes, num_frames: int, short_video: str,
+                   window: tuple[float, float] | None = None) -> tuple[np.ndarray, list[int], int, float]:
     import decord  # optional: PyAV is the fallback
 
     reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
-    total = len(reader)
-    indices = sample_indices(total, num_frames, short_video)
-    return reader.get_batch(indices).asnumpy(), indices, total, float(reader.get_avg_fps())
+    total, fps = len(reader), float(reader.get_avg_fps())
+    indices = window_indices(total, fps, num_frames, short_video, window)
+    return reader.get_batch(indices).asnumpy(), indices, total, fps
 
 
-def _frames_pyav(data: bytes, num_frames: int, short_video: str) -> tuple[np.ndarray, list[int], int, float]:
+def _frames_pyav(data: bytes, num_frames: int, short_video: str,
+                 window: tuple[float, float] | None = None) -> tuple[np.ndarray, list[int], int, float]:
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 0)
         total = sum(1 for _ in container.decode(video=0))  # container frame counts are unreliable (mkv: 0)
-    indices = sample_indices(total, num_frames, short_video)
+    indices = window_indices(total, fps, num_frames, short_video, window)
     wanted = set(indices)
     frames: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as container:
@@ -282,9 +296,11 @@ def video_seconds(source: Source) -> float | None:
 
 def load_video(source: Source, num_frames: int = 8, name: str | None = None, with_audio: bool = False,
                short_video: Literal["all", "repeat"] = "all",
-               backend: Literal["auto", "decord", "pyav"] = "auto", max_seconds: float | None = None) -> VideoClip:
+               backend: Literal["auto", "decord", "pyav"] = "auto", max_seconds: float | None = None,
+               window: tuple[float, float] | None = None) -> VideoClip:
     """Up to `num_frames` uniformly sampled RGB frames (decord, falling back to PyAV), and the audio track;
-    clips longer than `max_seconds` (by the container header) are refused before decoding."""
+    clips longer than `max_seconds` (by the container header) are refused before decoding. `window`
+    (start, end seconds) samples only the frames inside it (e.g. MVBench's start/end bounds)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if short_video not in ("all", "repeat"):
@@ -298,7 +314,7 @@ def load_video(source: Source, num_frames: int = 8, name: str | None = None, wit
     problems = []
     for reader in order:
         try:
-            frames, indices, total, fps = readers[reader](data, num_frames, short_video)
+            frames, indices, total, fps = readers[reader](data, num_frames, short_video, window)
             break
         except ImportError as err:  # decord is not installed
             problems.append(f"{reader}: {err}")
