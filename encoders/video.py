@@ -42,6 +42,12 @@ class VideoEncoder:
         per_step = [n // t for n, t in zip(self.vision.num_tokens(grid_thw), steps)]
         return [math.ceil(t / self.temporal_pool) * p for t, p in zip(steps, per_step)]
 
+    def token_grid(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[videos, 3] (time steps after pooling, h, w) of the output tokens, for 3-D RoPE."""
+        grid = self.vision.token_grid(grid_thw).clone()
+        grid[:, 0] = (grid[:, 0] + self.temporal_pool - 1) // self.temporal_pool
+        return grid
+
     def preprocess(self, frames: np.ndarray) -> VisionInputs:
         """uint8 frames [T, H, W, 3] -> encoder inputs of one clip, with its token count after pooling."""
         if self._preprocessor is None:

@@ -7,7 +7,8 @@ Every vision encoder offers the same interface (the OmniModel and the processor 
   encoder runs, how many feature rows each item will become (placeholder expansion needs it);
 - `forward(pixel_values, grid_thw) -> [sum(num_tokens), output_dim]`: all items of a batch,
   concatenated in order (`encode` is the same call);
-- `num_tokens(grid_thw) -> list[int]` and `output_dim`;
+- `num_tokens(grid_thw) -> list[int]`, `token_grid(grid_thw) -> [items, 3]` (t, h, w of the output tokens,
+  for 3-D RoPE) and `output_dim`;
 - `load_checkpoint(path)`: strict loading from a component checkpoint directory.
 """
 from __future__ import annotations
@@ -70,6 +71,11 @@ class QwenVisionEncoder(Qwen2_5_VisionTransformerPretrainedModel):
 
     def num_tokens(self, grid_thw: torch.Tensor) -> list[int]:
         return (grid_thw.prod(-1) // self.merge_unit).tolist()
+
+    def token_grid(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[items, 3] (t, h, w) of the merged tokens, the grid 3-D RoPE numbers (models/rope.py)."""
+        merge = self.config.spatial_merge_size
+        return torch.stack([grid_thw[:, 0], grid_thw[:, 1] // merge, grid_thw[:, 2] // merge], dim=-1)
 
     def preprocessor(self) -> "QwenPreprocessor":
         pixels = {k: getattr(self.config, k) for k in ("min_pixels", "max_pixels") if hasattr(self.config, k)}
@@ -168,6 +174,10 @@ class TimmVisionEncoder(nn.Module):
 
     def num_tokens(self, grid_thw: torch.Tensor) -> list[int]:
         return (grid_thw[:, 0] * grid_thw[:, 2]).tolist()
+
+    def token_grid(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[items, 3]: frames x 1 x tokens per frame (a timm model's tokens have no 2-D layout we rely on)."""
+        return grid_thw.clone()
 
     def preprocessor(self) -> "TimmPreprocessor":
         return TimmPreprocessor(self.model, self.tokens_per_frame)

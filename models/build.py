@@ -1,20 +1,23 @@
-"""Model configs (`configs/models/*.yaml`) -> models. A model is built from its config first; weights
-are loaded into it afterwards (never the reverse)."""
+"""Model configs (`configs/models/*.yaml`, or a released checkpoint's directory) -> models. A model is built
+from its config first; weights are loaded into it afterwards (never the reverse).
+
+A release directory (models/release.py) is read field by field into the same `ModelConfig`; a YAML with
+`release: <directory or hub id>` starts from it and adds our settings (processor, video sampling, or
+explicit overrides). Built on the meta device (parameter counts), a model reads no weights, no tokenizer."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from data.tokenizer import media_token_ids, pad_token_id
 from models.backbones import build_backbone
-from models.config import ConfigError, from_dict, read_yaml
+from models.config import ConfigError, from_dict, merge, read_yaml
 from models.encoders import VideoSection
-
-# The placeholder token each modality's features replace (data/tokenizer.py defines the full spans).
-PATCH_TOKENS = {"image": "<imagePatch>", "video": "<videoPatch>", "audio": "<audioPatch>"}
 
 
 @dataclass
@@ -42,7 +45,7 @@ class ProjectorSections:
 class ModelConfig:
     """A model YAML: the backbone, and for an omni model its encoders, projectors and tokenizer."""
 
-    backbone: BackboneSection
+    backbone: BackboneSection | None = None  # required unless `release` gives it
     vision: ComponentSection | None = None
     audio: ComponentSection | None = None
     projectors: ProjectorSections = field(default_factory=ProjectorSections)
@@ -50,6 +53,15 @@ class ModelConfig:
     checkpoint: str | None = None  # a whole Ming-Lite-Omni checkpoint directory (omni models)
     video: VideoSection = field(default_factory=VideoSection)  # frames per clip, temporal pooling
     max_length: int = 2048  # processor: longest sample in tokens
+    # a released checkpoint's directory (or hub id in the local cache) the sections above come from
+    release: str | None = None
+    release_files: dict[str, str] = field(default_factory=dict)  # role -> file of the release (set from it)
+    # checkpoint component -> ours, for whole-model checkpoints that name a component otherwise ("": not loaded)
+    checkpoint_components: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backbone is None:
+            raise ValueError("missing required key 'backbone' (or `release:`, a released checkpoint's directory)")
 
     @property
     def is_omni(self) -> bool:
@@ -57,38 +69,55 @@ class ModelConfig:
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
-    return from_dict(ModelConfig, read_yaml(path), source=str(path))
+    """A model YAML, or a release directory (its config.json translated, models/release.py)."""
+    from models.release import is_release_dir, release_model_config, resolve_release
+    if is_release_dir(path):
+        return from_dict(ModelConfig, release_model_config(path), source=str(Path(path) / "config.json"))
+    data = read_yaml(path)
+    if "release" in data:
+        if not isinstance(data["release"], str):
+            raise ConfigError(f"{path}: release = {data['release']!r} must be a directory or a hub id")
+        directory = resolve_release(data.pop("release"), Path(path).parent, source=str(path))
+        data = merge(release_model_config(directory), data)
+    return from_dict(ModelConfig, data, source=str(path))
 
 
 def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> nn.Module:
     """Build the model a config describes: a backbone alone, or an OmniModel around it (random init)."""
     if not isinstance(config, ModelConfig):
         source, config = str(config), load_model_config(config)
+    shapes_only = torch.empty(0).device.type == "meta"  # on the meta device: no weights, no tokenizer
+    if config.release is not None and not shapes_only:
+        from models.release import check_release_files
+        check_release_files(config.release)
     if not config.is_omni:
         model = build_backbone(config.backbone.name, config.backbone.config, source=source)
-        if config.backbone.checkpoint:
+        if config.backbone.checkpoint and not shapes_only:
             load_backbone_checkpoint(model, config.backbone.checkpoint)
         return model
     from models.omni import OmniConfig, OmniModel
-    placeholder_ids, special = {}, {}
-    if config.tokenizer is not None:  # full-size configs may leave it out (e.g. to count parameters)
+    placeholder_ids, span_ids, special = {}, {}, {}
+    if config.tokenizer is not None and not shapes_only:  # full-size configs may leave it out
         tokenizer = Tokenizer.from_file(config.tokenizer)
-        for kind, token in PATCH_TOKENS.items():
-            if tokenizer.token_to_id(token) is None:
-                raise ConfigError(f"{source}: tokenizer {config.tokenizer} has no {token} token")
-            placeholder_ids[kind] = tokenizer.token_to_id(token)
+        kinds = (("image", "video") if config.vision else ()) + (("audio",) if config.audio else ())
+        try:  # the tokenizer's own span tokens (the Ming release: video frames are <imagePatch>)
+            span_ids = {kind: list(ids) for kind, ids in media_token_ids(tokenizer, config.tokenizer, kinds).items()}
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        placeholder_ids = {kind: ids[1] for kind, ids in span_ids.items()}
         vocab = config.backbone.config.get("vocab_size")
         if vocab is not None and tokenizer.get_vocab_size() > vocab:
             raise ConfigError(f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens but "
                               f"backbone.config.vocab_size is {vocab}")
-        special = {"eos_token_id": tokenizer.token_to_id("<|endoftext|>"), "pad_token_id": tokenizer.token_to_id("<pad>")}
+        special = {"eos_token_id": tokenizer.token_to_id("<|endoftext|>"), "pad_token_id": pad_token_id(tokenizer)}
     section = lambda s: {"name": s.name, "config": s.config} if s else None  # noqa: E731
     omni = OmniConfig(backbone={"name": config.backbone.name, "config": config.backbone.config},
                       vision=section(config.vision), audio=section(config.audio), video=asdict(config.video),
                       vision_projector=config.projectors.vision, audio_projector=config.projectors.audio,
-                      placeholder_ids=placeholder_ids, **special)
+                      placeholder_ids=placeholder_ids, span_ids=span_ids, **special)
     model = OmniModel(omni)
-    load_component_checkpoints(model, config)
+    if not shapes_only:
+        load_component_checkpoints(model, config)
     return model
 
 
@@ -111,7 +140,7 @@ def load_component_checkpoints(model: nn.Module, config: ModelConfig) -> None:
     """Whole-model (Ming) checkpoint first, then any per-component checkpoint the config names."""
     from models.ming_checkpoint import load_ming_checkpoint
     if config.checkpoint:
-        load_ming_checkpoint(model, config.checkpoint)
+        load_ming_checkpoint(model, config.checkpoint, config.checkpoint_components)
     if config.vision is not None and config.vision.checkpoint:
         model.vision.load_checkpoint(config.vision.checkpoint)
     if config.audio is not None and config.audio.checkpoint:

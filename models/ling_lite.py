@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from models.backbones import BACKBONES, check_config_keys
 from models.moe import (GatedMLP, MultiGateRouter, SigmoidGroupRouter, SoftmaxTopKRouter, SparseMoeBlock,
                         init_moe_module)
-from models.rope import ROPE_3D, MultimodalRope, is_3d_rope, split_position_ids
+from models.rope import MultimodalRope, is_3d_rope, split_position_ids
 
 
 ROPE_TYPES = ("3D",)  # rope_scaling types accepted besides None (1-D RoPE)

@@ -4,9 +4,15 @@ Module names follow Ming-Lite-Omni (`BailingMMNativeForConditionalGeneration`): 
 tower), `audio` (audio encoder), `linear_proj` / `linear_proj_audio` (projectors) and `model` (the LLM),
 so its checkpoints map onto this model almost key for key (models/ming_checkpoint.py).
 
-Encoder features, projected to the LLM width, replace the placeholder tokens of their kind in the
-embedded sequence (`<imagePatch>`, `<videoPatch>`, `<audioPatch>`); every token carries a modality id
-(0 text, 1 image, 2 audio, 3 video) that Ming-style `multi_gate` routers use to pick their router.
+Encoder features, projected to the LLM width, replace the patch tokens of their span in the embedded
+sequence (`<image>` + `<imagePatch>`... + `</image>`, likewise video and audio; Ming's release marks video
+frames with `<imagePatch>` too, so a patch token's kind is the kind of the span it sits in); every token
+carries a modality id (0 text, 1 image, 2 audio, 3 video) that Ming-style `multi_gate` routers use to pick
+their router.
+
+With an LLM configured for 3-D RoPE (`rope_scaling: {type: 3D}`, Ming-Lite-Omni v1.5) the model computes
+the t/h/w position ids of every token itself (models/rope.py), in `embed_inputs` for training and in
+`generate`, where each new token continues from the prompt's maximum + 1.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from encoders.audio import AudioInputs
 from models.backbones import build_backbone
 from models.encoders import AUDIO_ENCODERS, VISION_ENCODERS, build_video_encoder
 from models.projectors import Projector, build_projector
+from models.rope import VisionSpans, is_3d_rope, rope_index, sequence_positions
 
 
 class OmniConfig(PretrainedConfig):
@@ -33,7 +40,7 @@ class OmniConfig(PretrainedConfig):
 
     def __init__(self, backbone: dict | None = None, vision: dict | None = None, audio: dict | None = None,
                  video: dict | None = None, vision_projector: dict | None = None, audio_projector: dict | None = None,
-                 placeholder_ids: dict | None = None, **kwargs: Any) -> None:
+                 placeholder_ids: dict | None = None, span_ids: dict | None = None, **kwargs: Any) -> None:
         self.backbone = backbone or {}
         self.vision = vision
         self.audio = audio
@@ -42,6 +49,7 @@ class OmniConfig(PretrainedConfig):
         self.vision_projector = vision_projector or {"name": "mlp2x_gelu"}
         self.audio_projector = audio_projector or {"name": "conv_audio", "depth": 2, "kernel_size": 3, "stride": 2}
         self.placeholder_ids = placeholder_ids or {}  # {"image": id, "video": id, "audio": id} of the patch tokens
+        self.span_ids = span_ids or {}  # {"image": [start, patch, end], ...}: the tokenizer's span tokens
         kwargs.pop("text_config", None)  # a saved copy of the LLM's config; OmniModel sets the live one
         super().__init__(**kwargs)
 
@@ -67,6 +75,10 @@ class OmniModel(PreTrainedModel, GenerationMixin):
             self.audio = AUDIO_ENCODERS.build(config.audio["name"], config.audio.get("config", {}))
             self.linear_proj_audio = _projector(config.audio_projector, self.audio.output_dim, hidden)
         self._llm_takes_modality = "modality_ids" in inspect.signature(self.model.forward).parameters
+        self.rope_3d = is_3d_rope(self.model.config)
+        if self.rope_3d and config.vision and not all(kind in config.span_ids for kind in ("image", "video")):
+            raise ValueError("3-D RoPE needs the image and video span token ids (OmniConfig.span_ids): build the "
+                             "model with a `tokenizer` in its config")
         config.text_config = self.model.config  # generation sizes its KV cache from the LLM's config
         self.post_init()
 
@@ -88,14 +100,57 @@ class OmniModel(PreTrainedModel, GenerationMixin):
         for kind, features in self._media_features(batch).items():
             if kind not in self.config.placeholder_ids:
                 raise ValueError(f"no placeholder token id for {kind}: build the model with a `tokenizer` in its config")
-            mask = input_ids == self.config.placeholder_ids[kind]
+            mask = self.patch_mask(input_ids, kind)
             if int(mask.sum()) != features.shape[0]:
                 raise ValueError(self._count_mismatch(kind, mask, features, batch))
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+        if self.rope_3d:
+            kwargs["position_ids"] = self.position_ids(batch)
         if self._llm_takes_modality and batch.get("modality_ids") is not None:
             kwargs["modality_ids"] = batch["modality_ids"]
         return embeds, kwargs
+
+    def patch_mask(self, input_ids: torch.Tensor, kind: str) -> torch.Tensor:
+        """[B, T] bool: the patch tokens whose features come from `kind`'s encoder. When two kinds share a patch
+        token (Ming: video frames are `<imagePatch>` inside `<video>`), the span's start token decides."""
+        patch = self.config.placeholder_ids[kind]
+        mask = input_ids == patch
+        sharing = [k for k, p in self.config.placeholder_ids.items() if p == patch and k != kind]
+        if not sharing:
+            return mask
+        if not all(k in self.config.span_ids for k in [kind, *sharing]):
+            raise ValueError(f"{kind} and {sharing} share the patch token {patch}: OmniConfig.span_ids must name "
+                             f"their start tokens")
+        starts = torch.tensor([self.config.span_ids[k][0] for k in self.config.span_ids], device=input_ids.device)
+        is_start = torch.isin(input_ids, starts)
+        index = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        last_start = torch.where(is_start, index, -1).cummax(dim=-1).values
+        opened_by = input_ids.gather(-1, last_start.clamp_min(0))
+        return mask & (last_start >= 0) & (opened_by == self.config.span_ids[kind][0])
+
+    def position_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """3-D RoPE position ids `[4, B, T]` (sequence row + t/h/w, models/rope.py) of a whole batch: left or
+        right padded (`attention_mask`), or packed rows (2-D `position_ids` restarting at each sample)."""
+        given = batch.get("position_ids")
+        if given is not None and given.ndim == 3:
+            return given
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        grids = {}
+        for kind, key, encoder in (("image", "image_grid_thw", self.vision), ("video", "video_grid_thw", self.video)):
+            if batch.get(key) is not None:
+                grids[kind] = encoder.token_grid(batch[key])
+        image, video = self.config.span_ids.get("image", (-1, -1)), self.config.span_ids.get("video", (-1, -1))
+        spans = VisionSpans(image_start=image[0], image_patch=image[1], video_start=video[0], video_patch=video[1])
+        seconds = batch.get("video_second_per_grid")
+        tokens_per_second = getattr(getattr(self.vision, "config", None), "tokens_per_second", 2)
+        rope, _ = rope_index(input_ids, spans, grids.get("image"), grids.get("video"), attention_mask=mask,
+                             segment_positions=given,
+                             video_second_per_grid=seconds.tolist() if seconds is not None else None,
+                             tokens_per_second=tokens_per_second)
+        sequence = given if given is not None else sequence_positions(mask, input_ids.shape[1], input_ids.shape[0],
+                                                                      input_ids.device)
+        return torch.cat([sequence.unsqueeze(0).to(rope.device), rope])
 
     def _media_features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
@@ -132,12 +187,18 @@ class OmniModel(PreTrainedModel, GenerationMixin):
                 video_grid_thw: torch.LongTensor | None = None, audio_features: torch.Tensor | None = None,
                 audio_chunk_frames: torch.LongTensor | None = None,
                 audio_chunks_per_clip: torch.LongTensor | None = None,
-                audio_frames_per_clip: torch.LongTensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+                audio_frames_per_clip: torch.LongTensor | None = None,
+                video_second_per_grid: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Media tensors are those of data/processor.py's `collate`; they are read only while the input
         still holds placeholder tokens (the prompt), not on later cached generation steps."""
+        if self.rope_3d and past_key_values is not None and past_key_values.get_seq_length() > 0 \
+                and (position_ids is None or position_ids.ndim != 3):
+            raise ValueError("3-D RoPE: a forward on top of a KV cache needs the new tokens' 3-D position_ids "
+                             "[4, B, T] (generate computes them; they continue from the prompt's maximum + 1)")
         if inputs_embeds is None:
             batch = {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids,
-                     "position_ids": position_ids}
+                     "position_ids": position_ids, "image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw,
+                     "video_second_per_grid": video_second_per_grid}
             if self._has_placeholders(input_ids):
                 batch.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
@@ -152,6 +213,31 @@ class OmniModel(PreTrainedModel, GenerationMixin):
                              use_cache=use_cache, **extra, **kwargs)
         return CausalLMOutputWithPast(loss=outputs.loss, logits=outputs.logits,
                                       past_key_values=outputs.past_key_values)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """3-D RoPE: the prompt's `[4, B, T]` position ids (transformers calls this once, before the first step)."""
+        if not self.rope_3d:
+            return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        return self.position_ids({**model_kwargs, "input_ids": model_kwargs.get("input_ids", inputs_tensor)})
+
+    def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: dict, is_encoder_decoder: bool = False,
+                                            num_new_tokens: int = 1) -> dict:
+        """3-D RoPE: a new token's t/h/w positions are the maximum over the real tokens before it + 1 (the
+        official `rope_deltas`); transformers would continue each row from its last value."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
+                                                                   num_new_tokens)
+        positions = model_kwargs.get("position_ids")
+        if positions is None or positions.ndim != 3:
+            return model_kwargs
+        before = positions[1:, :, :-num_new_tokens]
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            before = before.masked_fill(~mask[:, :-num_new_tokens].bool().unsqueeze(0), -1)
+        top = before.amax(dim=(0, 2))
+        positions = positions.clone()
+        positions[1:, :, -num_new_tokens:] = (top[:, None] + 1 + torch.arange(num_new_tokens, device=top.device))
+        model_kwargs["position_ids"] = positions
+        return model_kwargs
 
     def _has_placeholders(self, input_ids: torch.Tensor) -> bool:
         ids = list(self.config.placeholder_ids.values())

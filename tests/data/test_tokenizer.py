@@ -39,8 +39,11 @@ def test_tokenizers_without_the_omni_tokens_are_refused(tmp_path):
     plain = Tokenizer(models.BPE(unk_token="<unk>"))
     plain.add_special_tokens(["<unk>", "<|endoftext|>", "<pad>"])
     plain.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match=r"tokenizer\.json lacks the special token\(s\) \['<role>', '</role>', '<image>'"):
+    with pytest.raises(ValueError, match=r"tokenizer\.json lacks the special token\(s\) \['<image>', '<imagePatch>', "
+                                         r"'</image>', '<video>', '</video>', '<audio>'"):
         load_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"tokenizer\.json lacks the special token\(s\) \['<role>', '</role>'\]"):
+        load_tokenizer(tmp_path / "tokenizer.json", kinds=())  # a text-only model needs no span tokens
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         load_tokenizer(tmp_path / "nowhere.json")
     (tmp_path / "broken.json").write_text("{")
