@@ -196,3 +196,84 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_omni, processor, 
         tokens, logits = generate(model, processor.collate([example], padding_side="left"))
         assert batched_tokens[row].tolist() == tokens[0].tolist(), example["id"]
         torch.testing.assert_close(batched_logits[row], logits[0], atol=1e-4, rtol=1e-4)
+
+
+# ---- 3-D RoPE (Ming-Lite-Omni v1.5: rope_scaling {type: 3D}) ------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_omni_3d(tiny_omni):
+    """tiny-omni with 3-D RoPE, same weights as the 1-D `tiny_omni`."""
+    from dataclasses import replace
+
+    from models.build import build_model
+    model, config = tiny_omni
+    backbone = replace(config.backbone, config={**config.backbone.config, "rope_scaling": {"type": "3D"}})
+    model_3d = build_model(replace(config, backbone=backbone)).eval()
+    model_3d.load_state_dict(model.state_dict())
+    return model_3d
+
+
+def test_text_only_models_keep_1d_rope_and_ming_v15_gets_3d(tiny_omni, tiny_omni_3d):
+    from models.build import build_model
+    from models.ling_lite import LingRope
+    from models.rope import MultimodalRope
+    assert type(build_model("configs/models/tiny-ling-lite.yaml").model.rotary_emb) is LingRope
+    assert type(tiny_omni[0].model.model.rotary_emb) is LingRope and not tiny_omni[0].rope_3d
+    assert isinstance(tiny_omni_3d.model.model.rotary_emb, MultimodalRope) and tiny_omni_3d.rope_3d
+
+
+def test_3d_positions_change_image_logits_but_not_text_logits(tiny_omni, tiny_omni_3d, processor, mixed_prompts):
+    model, _ = tiny_omni
+    image, text = (processor.collate([e]) for e in mixed_prompts[:2])
+    with torch.no_grad():
+        for batch, same in ((text, True), (image, False)):
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids")}
+            one, three = model(**inputs).logits, tiny_omni_3d(**inputs).logits
+            assert torch.allclose(one, three, atol=1e-5) is same
+
+
+def test_3d_batched_left_padded_generation_equals_one_by_one(tiny_omni_3d, processor, mixed_prompts):
+    batched_tokens, batched_logits = generate(tiny_omni_3d, processor.collate(mixed_prompts, padding_side="left"))
+    for row, example in enumerate(mixed_prompts):
+        tokens, logits = generate(tiny_omni_3d, processor.collate([example], padding_side="left"))
+        assert batched_tokens[row].tolist() == tokens[0].tolist(), example["id"]
+        torch.testing.assert_close(batched_logits[row], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_3d_kv_cache_continuation_equals_a_full_forward(tiny_omni_3d, processor, mixed_prompts):
+    """Each generated token continues at the prompt's maximum position + 1, as one forward over the whole text."""
+    prompt = processor.collate([mixed_prompts[2]], padding_side="left")  # two images
+    new_tokens, step_logits = generate(tiny_omni_3d, prompt, max_new_tokens=4)
+    full = dict(prompt, input_ids=torch.cat([prompt["input_ids"], new_tokens], dim=1),
+                attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 4, dtype=torch.long))
+    inputs = {k: v for k, v in full.items() if k not in ("labels", "ids")}
+    positions = tiny_omni_3d.position_ids(inputs)
+    length = prompt["input_ids"].shape[1]
+    prompt_max = int(positions[1:, 0, :length].max())
+    assert positions[1:, 0, length:].tolist() == [list(range(prompt_max + 1, prompt_max + 5))] * 3
+    assert prompt_max + 1 < length  # image spans compress positions: 1-D positions would be wrong here
+    with torch.no_grad():
+        logits = tiny_omni_3d(**inputs).logits[0, length - 1:-1]
+    torch.testing.assert_close(step_logits[0], logits, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        cached = tiny_omni_3d(**{k: v for k, v in prompt.items() if k not in ("labels", "ids")}, use_cache=True)
+        with pytest.raises(ValueError, match="needs the new tokens' 3-D position_ids"):
+            tiny_omni_3d(input_ids=new_tokens[:, :1], past_key_values=cached.past_key_values)
+
+
+def test_3d_packed_samples_keep_their_own_positions_and_logits(tiny_omni_3d, processor, mixed_prompts):
+    from data.batching import collate_packed
+    examples = [mixed_prompts[0], mixed_prompts[2]]
+    packed = collate_packed([examples], processor.pad_id, length=4096)
+    assert "attention_mask" not in packed
+    embeds, kwargs = tiny_omni_3d.embed_inputs(packed)
+    with torch.no_grad():
+        packed_logits = tiny_omni_3d(inputs_embeds=embeds, use_cache=False, **kwargs).logits[0]  # as the objectives
+    start = 0
+    for example in examples:
+        alone = processor.collate([example])
+        end = start + len(example["input_ids"])
+        assert torch.equal(kwargs["position_ids"][1:, 0, start:end], tiny_omni_3d.position_ids(alone)[1:, 0])
+        with torch.no_grad():
+            logits = tiny_omni_3d(**{k: v for k, v in alone.items() if k not in ("labels", "ids")}).logits[0]
+        torch.testing.assert_close(packed_logits[start:end], logits, atol=1e-4, rtol=1e-4)
+        start = end
