@@ -38,8 +38,23 @@ def probe_tiers(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ti
                 show_progress: bool = True) -> list[TierScore]:
     """Per-scope, per-tier mean log-likelihood and accuracy over `batches` (re-iterated per setting)."""
     batches = list(batches)
+    attached, was_training = getattr(model, "tier_routing", None), model.training
     routing = TierRouting.attach(model)
+    found_plan = routing.plan
     model.eval()
+    try:
+        return _probe(model, routing, batches, tiers, scopes, device, show_progress)
+    finally:  # the model leaves as it came: its plan (a training objective's), its mode, no foreign hooks
+        if attached is None:
+            routing.detach()
+            del model.tier_routing
+        elif found_plan is not None:
+            routing.set_plan(found_plan)
+        model.train(was_training)
+
+
+def _probe(model: nn.Module, routing: TierRouting, batches: list[dict[str, torch.Tensor]], tiers: TierConfig,
+           scopes: Iterable[str | list[int]], device: torch.device | str, show_progress: bool) -> list[TierScore]:
     results = []
     settings = [(scope, tier) for scope in scopes for tier in range(1, tiers.num_tiers + 1)]
     for scope, tier in tqdm(settings, desc="probe tiers", disable=not show_progress):

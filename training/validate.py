@@ -9,6 +9,7 @@ overwrite, the lock) is checked next by `training/run_dir.py`, also before anyth
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -329,6 +330,17 @@ def pipe_commands(config: TrainConfig) -> list[str]:
     """Shard URLs that are shell commands (`pipe:`): trusted input, logged at every start."""
     shards = [config.data.shards] + [s.shards for s in config.data.mixture]
     return [s for s in shards if s and str(s).startswith("pipe:")]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def as_plain(value: Any) -> Any:
