@@ -108,7 +108,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         if hasattr(batches, "skipped"):  # bad samples are skipped, counted and shown, never fatal
             metrics["skipped_samples"] = sum(batches.skipped.values())
             if metrics["skipped_samples"] > reported_skips:
-                log.log(step, {"event": "skipped", "count": metrics["skipped_samples"], "latest": batches.last_skip})
+                log.log(step, {"event": "skipped", "count": metrics["skipped_samples"], "latest": batches.last_skip,
+                               "by_reason": dict(batches.skipped)})
                 progress.write(f"skipped {metrics['skipped_samples']} bad sample(s) so far; "
                                f"latest: {batches.last_skip}")
                 reported_skips = metrics["skipped_samples"]
@@ -126,4 +127,6 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     progress.close()
     log.close()
     plot_training_curves(log.path, output_dir / "training_curves.png")
+    if hasattr(batches, "skipped"):  # the final summary names the skip reasons (this rank's counts)
+        metrics["skipped_by_reason"] = dict(batches.skipped)
     return metrics
