@@ -42,6 +42,7 @@ class PredictionCache:
         if not results:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.part(rank))
         with self.part(rank).open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in results))
             f.flush()
@@ -65,6 +66,18 @@ class PredictionCache:
             tmp = path.with_name(".model.json.tmp")
             tmp.write_text(json.dumps(card, indent=2) + "\n")
             os.replace(tmp, path)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a line a kill left unfinished, so the next append starts on a line of its own."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_results(path: str | Path) -> list[Result]:
