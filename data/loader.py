@@ -65,13 +65,15 @@ class SkipTally:
 def skip_reason(err: BaseException) -> str:
     """The tally key of a skipped sample: the `reason` our errors carry (also when wrapped, e.g. a MediaError
     inside the processor's ProcessorError), else the exception type."""
+    if isinstance(err, json.JSONDecodeError):
+        return "bad_json"
+    if isinstance(err, UnicodeDecodeError):  # its own `reason` attribute is the codec's message
+        return "bad_text_encoding"
     seen: BaseException | None = err
     while seen is not None:
-        if getattr(seen, "reason", None):
+        if isinstance(getattr(seen, "reason", None), str) and not isinstance(seen, UnicodeError):
             return seen.reason
         seen = seen.__cause__ or seen.__context__
-    if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
-        return "bad_json"
     return type(err).__name__
 
 

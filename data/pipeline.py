@@ -25,7 +25,6 @@ the byte offset, and where `sizes.json` gives the shard's sample count, the numb
 """
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import re
@@ -67,6 +66,12 @@ class ShardSampleError(ValueError):
         return type(self), (str(self), self.reason)
 
 
+def _is_member_name(name: Any) -> bool:
+    """A member suffix such as `img0.png` (img2dataset-style records may hold URLs or paths under these keys)."""
+    return isinstance(name, str) and "/" not in name and (
+        MEDIA_KINDS.get(name.split(".")[0].rstrip("0123456789")) is not None or MEDIA_KINDS.get(name.split(".")[-1]) is not None)
+
+
 def _member_order(suffix: str) -> tuple[int, str]:
     """`img10.png` after `img9.png`: the number in a member's first name part, then its name."""
     digits = re.match(r"[a-z_]*(\d*)", suffix.split(".")[0]).group(1)
@@ -94,7 +99,7 @@ def to_sample(group: dict[str, Any]) -> dict[str, Any]:
             members[kind].append(member)
     for kind, found in members.items():
         listed = record.get(kind)
-        if isinstance(listed, list) and listed and all(isinstance(m, str) for m in listed) and set(listed) & set(found):
+        if isinstance(listed, list) and listed and all(_is_member_name(m) for m in listed):
             missing = [m for m in listed if m not in group]
             if missing:
                 raise ShardSampleError(f"sample {key}: .json lists {', '.join(missing)}, not in the shard",
@@ -229,17 +234,14 @@ class ShardReader:
             return raw
         spool = tempfile.TemporaryFile()
         with raw:
-            try:
-                with gzip.GzipFile(fileobj=raw) as inflated:
-                    shutil.copyfileobj(inflated, spool, 1 << 20)
-            except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-                if "CRC" in str(err) or "length" in str(err).lower():  # wrong bytes somewhere: trust none of them
-                    self.problems.append(("gzip_crc", f"{self.name}: gzip {err} after {spool.tell()} inflated bytes: "
-                                                      f"its data is corrupt somewhere, so none of it is used"))
-                    spool.truncate(0)
-                else:  # inflation stopped here: what came before is intact
-                    self.problems.append(("gzip_damage", f"{self.name}: gzip stream broken at inflated byte "
-                                                         f"{spool.tell()} ({type(err).__name__}: {err})"))
+            problem = _inflate(raw, spool)
+        if problem == "crc":  # wrong bytes somewhere: trust none of them
+            self.problems.append(("gzip_crc", f"{self.name}: gzip CRC check failed after {spool.tell()} inflated "
+                                              f"bytes: its data is corrupt somewhere, so none of it is used"))
+            spool.truncate(0)
+        elif problem:  # inflation stopped here: what came before is intact
+            self.problems.append(("gzip_damage", f"{self.name}: gzip stream broken at inflated byte {spool.tell()} "
+                                                 f"({problem})"))
         spool.seek(0)
         return spool
 
@@ -250,18 +252,19 @@ class ShardReader:
         first_offset: dict[str, int] = {}  # key -> byte offset of its first member (duplicate keys)
         end = 0  # where the next header should start
         after_damage: str | None = None
+        last = "the start"  # the last member read whole, to say where damage lies
         try:
             if self.problems and self.problems[-1][0] == "gzip_crc":
                 return
             with tarfile.open(fileobj=counter, mode="r|", ignore_zeros=True) as tar:  # skips over bad headers
                 for member in tar:
                     if member.offset > end:  # the blocks in between held no valid header
-                        after_damage = f"next to corrupt tar data at byte {end} (left out: its members may be lost)"
+                        after_damage = f"next to corrupt tar data at byte {end} of {self.name}: members may be lost"
                         self.problems.append(("tar_damage", f"{self.name}: {member.offset - end} bytes of corrupt tar "
-                                                            f"data at byte {end}, after {self.seen} sample(s); "
-                                                            f"reading resumed at byte {member.offset}"))
+                                                            f"data at byte {end}, after {last}; reading resumed "
+                                                            f"at byte {member.offset}"))
                         if group is not None:
-                            group["__problem__"] = ("tar_damage", after_damage)
+                            group["__suspect__"] = after_damage
                     end = member.offset_data + -(-member.size // BLOCK) * BLOCK
                     key, suffix = _split_member(member.name) if member.isfile() else (None, None)
                     if key is None:
@@ -272,7 +275,7 @@ class ShardReader:
                             yield self._done(group)
                         group = {"__key__": key, "__url__": str(self.path)}
                         if after_damage:
-                            group["__problem__"], after_damage = ("tar_damage", after_damage), None
+                            group["__suspect__"], after_damage = after_damage, None
                         if key in first_offset:
                             group["__problem__"] = ("duplicate_key", f"the key appears again at byte {member.offset} "
                                                                      f"of {self.name} (first at byte {first_offset[key]})")
@@ -281,14 +284,17 @@ class ShardReader:
                         group["__problem__"] = ("duplicate_key", f"member .{suffix} twice (again at byte {member.offset} "
                                                                  f"of {self.name})")
                     group[suffix] = data
-            if counter.count - end < 2 * BLOCK:  # every tar writer ends with two zero blocks
+                    last = f"member {member.name}"
+            if group is None and self.seen == 0 and counter.count > 0:
+                self.problems.append(("not_a_tar", f"{self.name}: no valid tar header in its {counter.count} bytes"))
+            elif counter.count - end < 2 * BLOCK:  # every tar writer ends with two zero blocks
                 self.problems.append(("tar_truncated", f"{self.name}: ends at byte {counter.count} without the "
-                                                       f"end-of-archive marker (truncated) after {self.seen} sample(s)"))
+                                                       f"end-of-archive marker (truncated), after {last}"))
                 if group is not None:
                     group["__problem__"] = ("tar_truncated", f"the last sample of truncated {self.name}")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
             kind = "not_a_tar" if counter.count <= BLOCK and group is None else "tar_truncated"
-            self.problems.append((kind, f"{self.name}: unreadable at byte {counter.count} after {self.seen} sample(s) "
+            self.problems.append((kind, f"{self.name}: unreadable at byte {counter.count}, after {last} "
                                         f"({type(err).__name__}: {err})"))
             if group is not None:
                 group["__problem__"] = (kind, f"cut off by the damage at byte {counter.count} of {self.name}")
@@ -296,7 +302,12 @@ class ShardReader:
             yield self._done(group)
 
     def _done(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A group next to damage is kept only when its .json lists exactly the media it has (our layout):
+        otherwise a lost member could turn it into a different sample (an image caption without its image)."""
         self.seen += 1
+        suspect = group.pop("__suspect__", None)
+        if suspect and "__problem__" not in group and not _lists_its_members(group):
+            group["__problem__"] = ("tar_damage", suspect)
         return group
 
     def report(self) -> list[tuple[str, str, int]]:
@@ -339,6 +350,37 @@ class ShardReader:
             yield group
         rng.shuffle(buffer)
         yield from buffer
+
+
+def _inflate(raw: IO[bytes], out: IO[bytes]) -> str | None:
+    """gzip `raw` inflated into `out`, every member's CRC and length checked by zlib; None when intact, "crc"
+    for a checksum mismatch, else what broke (the output up to there is good)."""
+    inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+    try:
+        while chunk := raw.read(1 << 20):
+            while chunk:
+                out.write(inflater.decompress(chunk))
+                chunk = inflater.unused_data
+                if inflater.eof and chunk:  # concatenated gzip members
+                    inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+        out.write(inflater.flush())
+    except zlib.error as err:
+        return "crc" if "check" in str(err) else f"zlib: {err}"
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None if inflater.eof else "the gzip stream ends early (truncated)"
+
+
+def _lists_its_members(group: dict[str, Any]) -> bool:
+    try:
+        record = json.loads(group["json"]) if "json" in group else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if not isinstance(record, dict) or not ("conversation" in record or "caption" in record):
+        return False
+    listed = {m for kind in ("images", "audios", "videos") if isinstance(record.get(kind), list)
+              for m in record[kind] if isinstance(m, str)}
+    return listed == {k for k in group if not k.startswith("__") and k not in ("json", "txt")}
 
 
 def _split_member(name: str) -> tuple[str | None, str | None]:
