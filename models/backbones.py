@@ -18,16 +18,20 @@ from models.registry import Registry
 BACKBONES: Registry = Registry("backbone")
 
 
-def check_config_keys(config_class: type[PretrainedConfig], values: dict[str, Any], source: str) -> None:
-    """PretrainedConfig swallows unknown kwargs silently; a typo in a YAML must fail instead."""
+def config_fields(config_class: type[PretrainedConfig]) -> set[str]:
+    """The fields a config class (and its PretrainedConfig bases) declares."""
     known: set[str] = set()
     for klass in config_class.__mro__:
         if klass is object:
             continue
         known |= set(inspect.signature(klass.__init__).parameters)
         known |= set(getattr(klass, "__annotations__", {}))
-    known -= {"self", "kwargs", "args"}
-    unknown = sorted(set(values) - known)
+    return known - {"self", "kwargs", "args"}
+
+
+def check_config_keys(config_class: type[PretrainedConfig], values: dict[str, Any], source: str) -> None:
+    """PretrainedConfig swallows unknown kwargs silently; a typo in a YAML must fail instead."""
+    unknown = sorted(set(values) - config_fields(config_class))
     if unknown:
         raise ConfigError(f"{source}: unknown {config_class.__name__} field(s) {unknown}")
 

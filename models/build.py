@@ -3,7 +3,8 @@ from its config first; weights are loaded into it afterwards (never the reverse)
 
 A release directory (models/release.py) is read field by field into the same `ModelConfig`; a YAML with
 `release: <directory or hub id>` starts from it and adds our settings (processor, video sampling, or
-explicit overrides). Built on the meta device (parameter counts), a model reads no weights, no tokenizer."""
+explicit overrides). Built on the meta device (parameter counts), a model reads no weights, and a release
+needs nothing but its config.json (and its tokenizer for an omni model's media token ids)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -86,7 +87,7 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
     """Build the model a config describes: a backbone alone, or an OmniModel around it (random init)."""
     if not isinstance(config, ModelConfig):
         source, config = str(config), load_model_config(config)
-    shapes_only = torch.empty(0).device.type == "meta"  # on the meta device: no weights, no tokenizer
+    shapes_only = torch.empty(0).device.type == "meta"  # on the meta device: no weights (a tokenizer if present)
     if config.release is not None and not shapes_only:
         from models.release import check_release_files
         check_release_files(config.release)
@@ -97,7 +98,7 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
         return model
     from models.omni import OmniConfig, OmniModel
     placeholder_ids, span_ids, special = {}, {}, {}
-    if config.tokenizer is not None and not shapes_only:  # full-size configs may leave it out
+    if config.tokenizer is not None and (not shapes_only or Path(config.tokenizer).is_file()):
         tokenizer = Tokenizer.from_file(config.tokenizer)
         kinds = (("image", "video") if config.vision else ()) + (("audio",) if config.audio else ())
         try:  # the tokenizer's own span tokens (the Ming release: video frames are <imagePatch>)

@@ -20,26 +20,53 @@ from torch import nn
 from encoders.checkpoint import load_strict, read_prefixed
 from models.checkpoint import CheckpointError, from_official, validate
 
-# openai-whisper AudioEncoder names -> transformers WhisperEncoder names
-_WHISPER_RENAMES = [
-    (r"^positional_embedding$", "embed_positions.weight"),
-    (r"^ln_post\.", "layer_norm."),
-    (r"^blocks\.(\d+)\.attn\.query\.", r"layers.\1.self_attn.q_proj."),
-    (r"^blocks\.(\d+)\.attn\.key\.", r"layers.\1.self_attn.k_proj."),
-    (r"^blocks\.(\d+)\.attn\.value\.", r"layers.\1.self_attn.v_proj."),
-    (r"^blocks\.(\d+)\.attn\.out\.", r"layers.\1.self_attn.out_proj."),
-    (r"^blocks\.(\d+)\.attn_ln\.", r"layers.\1.self_attn_layer_norm."),
-    (r"^blocks\.(\d+)\.mlp\.0\.", r"layers.\1.fc1."),
-    (r"^blocks\.(\d+)\.mlp\.2\.", r"layers.\1.fc2."),
-    (r"^blocks\.(\d+)\.mlp_ln\.", r"layers.\1.final_layer_norm."),
+# openai-whisper AudioEncoder names <-> transformers WhisperEncoder names ("{}" = block index)
+_WHISPER_NAMES = [
+    ("positional_embedding", "embed_positions.weight"),
+    ("ln_post.", "layer_norm."),
+    ("conv1.", "conv1."),
+    ("conv2.", "conv2."),
+    ("blocks.{}.attn.query.", "layers.{}.self_attn.q_proj."),
+    ("blocks.{}.attn.key.", "layers.{}.self_attn.k_proj."),
+    ("blocks.{}.attn.value.", "layers.{}.self_attn.v_proj."),
+    ("blocks.{}.attn.out.", "layers.{}.self_attn.out_proj."),
+    ("blocks.{}.attn_ln.", "layers.{}.self_attn_layer_norm."),
+    ("blocks.{}.mlp.0.", "layers.{}.fc1."),
+    ("blocks.{}.mlp.2.", "layers.{}.fc2."),
+    ("blocks.{}.mlp_ln.", "layers.{}.final_layer_norm."),
 ]
 
 
-def openai_whisper_to_transformers(key: str) -> str:
-    for pattern, replacement in _WHISPER_RENAMES:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key)
+def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
+    for source, target in pairs:
+        pattern = "^" + re.escape(source).replace(re.escape("{}"), r"(\d+)")
+        if m := re.match(pattern, key):
+            return target.format(*m.groups()) + key[m.end():]
     return key
+
+
+def openai_whisper_to_transformers(key: str) -> str:
+    return _rename(key, _WHISPER_NAMES)
+
+
+def transformers_to_openai_whisper(key: str) -> str:
+    return _rename(key, [(theirs, ours) for ours, theirs in _WHISPER_NAMES])
+
+
+def release_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """official Ming-Lite-Omni (v1.5) key -> shape this OmniModel loads (the Whisper table: rows it reads)."""
+    from models.checkpoint import official_layout
+    layout: dict[str, tuple[int, ...]] = {}
+    for name, child in model.named_children():
+        if child is None or name == "video":
+            continue
+        if name == "model":
+            layout.update({f"model.{k}": shape for k, (_, shape) in official_layout(child).items()})
+            continue
+        for key, tensor in child.state_dict().items():
+            official = transformers_to_openai_whisper(key) if name == "audio" else key
+            layout[f"{name}.{official}"] = tuple(tensor.shape)
+    return layout
 
 
 def load_llm(llm: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -48,13 +75,20 @@ def load_llm(llm: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> N
     llm.load_state_dict(from_official(llm, tensors), strict=True)
 
 
-def load_ming_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """A whole Ming-Lite-Omni checkpoint directory into an OmniModel built from the ming-lite-omni config."""
+def load_ming_checkpoint(model: nn.Module, path: str | Path, components: dict[str, str] | None = None) -> None:
+    """A whole Ming-Lite-Omni checkpoint directory into an OmniModel built from its release (or a config).
+
+    `components` maps a checkpoint component (the first key part) to ours, "" for one deliberately not
+    loaded: Ming-Lite-Omni v1 keeps its Whisper encoder in `whisper_encoder.*` / `linear_proj_whisper.*`
+    next to a SANM encoder (`audio.*`, `linear_proj_audio.*`) that is not built here (models/release.py)."""
+    components = components or {}
     tensors = read_prefixed(path, ("",))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         head, _, rest = key.partition(".")
-        groups.setdefault(head, {})[rest] = tensor
+        head = components.get(head, head)
+        if head:
+            groups.setdefault(head, {})[rest] = tensor
     expected = {name for name, child in model.named_children() if child is not None}
     extra = sorted(set(groups) - expected)
     if extra:
