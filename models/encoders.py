@@ -77,7 +77,7 @@ class WhisperSection:
     encoder_attention_heads: int = 6
     encoder_ffn_dim: int = 1536
     num_mel_bins: int = 80
-    max_source_positions: int = 1500  # 30-s windows
+    max_source_positions: int = 1500  # encoder frames of the positional table: 30 s (Whisper), 300 s (Ming's 15000)
     activation_function: str = "gelu"
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -91,8 +91,8 @@ class WhisperSection:
     def __post_init__(self) -> None:
         if self.frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
-        if self.max_source_positions != 1500:
-            raise ValueError(f"max_source_positions must be 1500 (30-s windows), got {self.max_source_positions}")
+        if self.max_source_positions < 1:
+            raise ValueError(f"max_source_positions must be >= 1, got {self.max_source_positions}")
 
 
 @dataclass

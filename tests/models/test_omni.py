@@ -171,7 +171,7 @@ def generate(model, batch, max_new_tokens=6):
 
 
 @pytest.fixture(scope="module")
-def mixed_prompts(processor, photo, assets):
+def mixed_prompts(processor, photo, speech, assets):
     from PIL import Image
     chart = Image.open(assets / "mathvista_testmini_pid106.png").convert("RGB")
     samples = [
@@ -180,6 +180,8 @@ def mixed_prompts(processor, photo, assets):
         {"id": "text", "conversation": [{"role": "user", "content": "Hi"}]},
         {"id": "two-images", "conversation": [{"role": "user", "content": "<image> or <image>: which is a chart?"}],
          "images": [chart, photo.resize((120, 90))]},
+        {"id": "audio", "conversation": [{"role": "user", "content": "<audio> Transcribe."}],
+         "audios": [speech[:30_000]]},  # 1.9 s of it, a clip of its own length
     ]
     return [processor(s, generation=True) for s in samples]
 
