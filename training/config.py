@@ -93,10 +93,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
     overwrite: bool = False  # resume=false over an earlier run: move it aside to <output_dir>.replaced-<time>/
+    engine: Literal["plain", "deepspeed"] = "plain"  # deepspeed: ZeRO over every process of the launch
+    deepspeed: str | None = None  # the DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json)
+    max_nonfinite_steps: int = 5  # a NaN/Inf loss or gradient skips the step; this many in a row stop the run
 
     def __post_init__(self) -> None:
         if self.deterministic is None:  # CPU runs resume bit-exact by default; GPU kernels pay for it (README)
             self.deterministic = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
-        for key in ("steps", "grad_accum", "log_every", "keep_checkpoints"):
+        for key in ("steps", "grad_accum", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if (self.engine == "deepspeed") != (self.deepspeed is not None):
+            raise ValueError("engine: deepspeed needs deepspeed: <a DeepSpeed JSON, e.g. configs/deepspeed/zero2.json>, "
+                             f"and deepspeed: is only read with engine: deepspeed (got engine={self.engine!r}, "
+                             f"deepspeed={self.deepspeed!r})")

@@ -1,7 +1,7 @@
 """Training heads: `ntp` (the baseline) and `ordmoe` (METHOD.md sections 4 and 5), as registered objectives.
 
-An objective runs the forward pass(es) of one micro-batch and hands each loss term to `backward`,
-a callable the engine supplies (plain `loss.backward()`, DeepSpeed's `engine.backward`). Because
+An objective runs the forward pass(es) of one micro-batch and hands each loss term to the engine
+(`training/engine.py`: `backward(term)`, then `backward_shared(...)` once for the shared inputs). Because
 L is a sum of per-path terms with constant coefficients, back-propagating path by path gives the
 exact gradient of L with the activation memory of one path (Finding 3); paths whose advantage is
 exactly 0 carry no gradient and are skipped (Finding 2). What every path shares (embeddings,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -24,7 +24,30 @@ from training.losses import (advantages, expert_rank_loss, load_balance_loss, me
                              next_token_loss, supervised_samples, tier_order_agreement, token_logprobs)
 
 OBJECTIVES: Registry = Registry("objective")
-Backward = Callable[[torch.Tensor], None]
+
+
+class GradientSink(Protocol):
+    """The part of an engine (training/engine.py) an objective back-propagates through."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def backward_shared(self, outputs: torch.Tensor, grad: torch.Tensor) -> None: ...
+
+
+class Autograd:
+    """A plain callable `backward(term)` as a sink; the shared inputs go through torch autograd."""
+
+    def __init__(self, backward: Callable[[torch.Tensor], None]) -> None:
+        self.backward = backward
+
+    def backward_shared(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
+        torch.autograd.backward(outputs, grad_tensors=grad)
+
+
+class Reducer(Protocol):
+    """The part of an engine that sums over ranks (the aux-loss-free bias update needs global loads)."""
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -80,17 +103,19 @@ class TierObjective:
         self.advantages = advantages(config.rewards, config.advantage)
         self.grad_tiers = [c for c in range(1, self.num_tiers + 1)
                            if c == 1 or not (config.skip_zero_advantage and self.advantages[c - 1] == 0.0)]
-        self._expert_loads: list[torch.Tensor] = []
+        self._expert_loads: list[torch.Tensor] = []  # summed over the micro-batches of the current step
 
     # ---- one micro-batch ----------------------------------------------------------------------------
-    def __call__(self, model: nn.Module, batch: dict[str, Any], backward: Backward | None = None,
-                 step: int = 0) -> StepResult:
-        """Run the paths for `batch`; call `backward(term)` per term when training. Returns L and its parts.
+    def __call__(self, model: nn.Module, batch: dict[str, Any],
+                 backward: GradientSink | Callable[[torch.Tensor], None] | None = None, step: int = 0) -> StepResult:
+        """Run the paths for `batch`; back-propagate each term through `backward` (an engine, or a callable
+        taking the term) when training. Returns L and its parts.
 
         `step` is the 1-based optimizer step: skipped tiers are measured when it is a multiple of `diag_every`.
         """
         labels = batch["labels"]
         training = backward is not None
+        sink = backward if backward is None or hasattr(backward, "backward_shared") else Autograd(backward)
         with torch.set_grad_enabled(training):
             shared, forward_kwargs = shared_inputs(model, batch)
         start = shared.detach().requires_grad_(True) if training and shared.requires_grad else shared
@@ -117,7 +142,8 @@ class TierObjective:
             if tier == 1:
                 ntp = next_token_loss(logprobs, mask)
                 bal = load_balance_loss(records, mask_tokens) if records else torch.zeros((), device=logits.device)
-                self._expert_loads = [_expert_load(r, mask_tokens) for r in records]
+                if training:
+                    self._add_expert_loads([_expert_load(r, mask_tokens) for r in records])
                 parts.update(ntp=ntp.item(), bal=bal.item())
                 term = term + ntp + self.config.lambda_bal * bal * has_targets
             return term
@@ -134,7 +160,7 @@ class TierObjective:
                 loss = sum(terms)
                 total += loss.item()
                 if training:
-                    backward(loss)
+                    sink.backward(loss)
             else:
                 pending = 0.0
                 for tier in grad_tiers:
@@ -148,11 +174,11 @@ class TierObjective:
                         continue
                     total += term.item()
                     if training:
-                        backward(term)
+                        sink.backward(term)
                 if self.config.execution == "naive":
                     total += pending.item()
                     if training:
-                        backward(pending)
+                        sink.backward(pending)
             if self.routing is not None:
                 self.routing.clear_records()
 
@@ -165,9 +191,9 @@ class TierObjective:
                         lbar[tier] = mean_token_logprob(*token_logprobs(logits, labels), **per_sample)
         if training and start is not shared and start.grad is not None:
             # The shared part (embeddings, encoders) gets the summed gradient of all paths, once. The
-            # engine already scaled that gradient (accumulation, loss scale) in the path backwards, so
-            # it goes through autograd directly rather than through `backward` a second time.
-            torch.autograd.backward(shared, grad_tensors=start.grad)
+            # engine already scaled that gradient (accumulation) in the path backwards, so it is not
+            # scaled a second time; the engine owns the backward (DeepSpeed reduces it like the others).
+            sink.backward_shared(shared, start.grad)
 
         for tier, value in lbar.items():
             parts[f"logp_tier{tier}"] = (value * sample_mask).sum().item() / max(int(sample_mask.sum()), 1)
@@ -181,16 +207,29 @@ class TierObjective:
         parts["supervised_tokens"] = float((labels[:, 1:] != -100).sum())
         return StepResult(loss=float(total), parts=parts)
 
-    def after_optimizer_step(self) -> None:
-        """Aux-loss-free balancing (sigmoid routers): nudge each expert's selection bias toward even load."""
+    def _add_expert_loads(self, loads: list[torch.Tensor]) -> None:
+        if not self._expert_loads:
+            self._expert_loads = loads
+        else:
+            for total, load in zip(self._expert_loads, loads):
+                total += load
+
+    def after_optimizer_step(self, reducer: Reducer | None = None, applied: bool = True) -> None:
+        """Aux-loss-free balancing (sigmoid routers): nudge each expert's selection bias toward even load.
+
+        The load is the step's: summed over its micro-batches and, through `reducer`, over ranks (every
+        rank then applies the same update). A skipped step (`applied=False`) updates nothing.
+        """
+        loads, self._expert_loads = self._expert_loads, []
         rate = self.config.bias_update_rate
-        if rate == 0 or self.routing is None or not self._expert_loads:
+        if rate == 0 or self.routing is None or not loads or not applied:
             return
-        for (_, router), spec, load in zip(self.routing.routers, self.routing.specs, self._expert_loads):
+        if reducer is not None:
+            flat = reducer.sum_over_ranks(torch.cat(loads))
+            loads = list(flat.split([len(load) for load in loads]))
+        for (_, router), spec, load in zip(self.routing.routers, self.routing.specs, loads):
             if spec.family != "sigmoid_bias":
                 continue
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(load)
             bias = getattr(router, spec.bias_attr)
             bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
 

@@ -29,11 +29,11 @@ def crash_run(monkeypatch):
     def crash(run, at_step: int) -> None:
         calls = {"n": 0}
 
-        def failing_step(self):
+        def failing_step(self, *args, **kwargs):
             calls["n"] += 1
             if calls["n"] == at_step:
                 raise RuntimeError("simulated node failure")
-            return real_step(self)
+            return real_step(self, *args, **kwargs)
 
         monkeypatch.setattr(engine.PlainEngine, "step", failing_step)
         with pytest.raises(RuntimeError, match="simulated node failure"):
