@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested sections")
     parser.add_argument("--check", action="store_true", help="validate the run and print what it would do; write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to metrics.jsonl)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     source = args.config + (f" (with overrides {' '.join(args.overrides)})" if args.overrides else "")
     try:
         config = load_config(TrainConfig, args.config, args.overrides)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         metrics = train(config, show_progress=not args.no_progress)
     except ConfigError as err:  # RunRefused too: the run was refused before it wrote anything
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line (YAML errors span several)
         return 2
     print(json.dumps({"output_dir": config.output_dir, **{k: round(v, 5) if isinstance(v, float) else v
                                                           for k, v in metrics.items()}}, indent=1))

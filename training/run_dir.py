@@ -195,8 +195,10 @@ def compare_records(saved: dict[str, Any], current: dict[str, Any], directory: P
     """The fields in which `current` differs from the run's `saved` record, as `field: saved -> current`."""
     out = []
     if saved["model"]["fingerprint"] != current["model"]["fingerprint"]:
-        changed = _diff(saved["model"]["config"], current["model"]["config"])
-        out += [f"model config {key}: {a!r} -> {b!r}" for key, a, b in changed] or ["model config"]
+        changed = sorted(_diff(saved["model"]["config"], current["model"]["config"]),
+                         key=lambda d: (d[0].count("."), d[0]))  # `backbone.name` before its config fields
+        shown = [f"model config {key}: {a!r} -> {b!r}" for key, a, b in changed[:4]] or ["model config"]
+        out += shown + ([f"{len(changed) - 4} more model config fields"] if len(changed) > 4 else [])
     tokenizer = Path(saved["tokenizer"]["path"])
     if saved["tokenizer"]["sha256"] and Path(current["tokenizer"]["path"]).is_file():
         digest = sha256_file(Path(current["tokenizer"]["path"]))
