@@ -7,6 +7,9 @@
 - text-only question/answer pairs.
 The train split is written as WebDataset shards (data/shards.py); the eval split is a JSONL manifest
 with its media and answers, for the tier probe and evaluation to read.
+
+The output directory must be empty or one this builder wrote before (its marker `.make_demo_data.json`
+lists every file it wrote), unless `overwrite`; a rebuild deletes only files the marker lists.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 
 from data.shards import write_shards
+
+MARKER = ".make_demo_data.json"
+MEDIA_FIELDS = ("image", "audio", "video")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SPEECH = {  # data/assets/LICENSES.txt: reference transcripts
@@ -93,12 +99,21 @@ def _moving_square(path: Path, rng: random.Random, frames: int = 16) -> tuple[st
     return "<video>\nWhich way does the red square move?", "left to right" if rightwards else "right to left"
 
 
+class DemoDirectoryError(ValueError):
+    """The output directory holds files this builder did not write."""
+
+
 def build_demo_data(out_dir: str | Path, samples_per_kind: int = 12, eval_fraction: float = 0.25,
-                    seed: int = 0) -> dict[str, Path]:
+                    seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write `media/`, `train_shards/` (+ sizes.json, stats.json), `train.jsonl` and `eval.jsonl`."""
+    if samples_per_kind < 1 or not 0 < eval_fraction < 1:
+        raise ValueError(f"samples_per_kind must be >= 1 and eval_fraction in (0, 1), got {samples_per_kind}, "
+                         f"{eval_fraction}")
     out, rng = Path(out_dir), random.Random(seed)
+    previous = _claim(out, overwrite)
     media = out / "media"
     media.mkdir(parents=True, exist_ok=True)
+    _write_marker(out, sorted(previous))  # a crash mid-build still marks what may be ours
     records = []
     makers = {"shapes": (_shapes_image, ".png", "image"), "ocr": (_text_image, ".png", "image"),
               "beeps": (_beeps, ".wav", "audio"), "motion": (_moving_square, ".mp4", "video")}
@@ -125,4 +140,33 @@ def build_demo_data(out_dir: str | Path, samples_per_kind: int = 12, eval_fracti
     write_shards(out / "train.jsonl", out / "train_shards", max_samples=16, overwrite=True, show_progress=False)
     (out / "LICENSES.txt").write_text("Generated media: no licence restrictions. Speech clips copied from "
                                       "data/assets/ (see data/assets/LICENSES.txt for their origins and licences).\n")
+    written = {"train.jsonl", "eval.jsonl", "LICENSES.txt"} | {r[f] for r in records for f in MEDIA_FIELDS if f in r}
+    for stale in set(previous) - written:  # an earlier, larger build's media (the marker lists them as ours)
+        (out / stale).unlink(missing_ok=True)
+    _write_marker(out, sorted(written))
     return {"train_shards": out / "train_shards", "train": out / "train.jsonl", "eval": out / "eval.jsonl"}
+
+
+def _claim(out: Path, overwrite: bool) -> list[str]:
+    """Files (relative paths) an earlier build left in `out`; refuses a directory holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise DemoDirectoryError(f"{out} is a file, not a directory")
+    if not out.exists():
+        return []
+    try:
+        ours = json.loads((out / MARKER).read_text())["files"] if (out / MARKER).is_file() else []
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DemoDirectoryError(f"{out / MARKER} is damaged; choose another directory") from None
+    mine = set(ours) | {"media", "train_shards", MARKER}
+    others = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                    if str(p.relative_to(out)) not in mine and p.parent.name != "train_shards")
+    if others and not overwrite:
+        raise DemoDirectoryError(f"{out} holds files make_demo_data did not write ({', '.join(others[:3])}); choose "
+                                 f"an empty directory or overwrite (they are kept, never deleted)")
+    return ours
+
+
+def _write_marker(out: Path, files: list[str]) -> None:
+    tmp = out / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps({"tool": "make_demo_data", "files": files}, indent=1))
+    tmp.replace(out / MARKER)

@@ -1,7 +1,8 @@
 """Write WebDataset shards from a JSONL manifest: `python -m tools.make_shards MANIFEST OUT_DIR [options]`.
 
-Media are decoded while writing; undecodable samples are reported with their manifest line and left
-out (exit status 1 for them only with --strict). See data/shards.py for the shard layout.
+Media are decoded while writing; undecodable samples, empty and duplicate keys are reported with their
+manifest line and left out (exit status 1 for them only with --strict). Exit status 2 when OUT_DIR is not
+ours to write (see data/shards.py) or when nothing at all was written (OUT_DIR is then left unchanged).
 """
 from __future__ import annotations
 
@@ -9,24 +10,48 @@ import argparse
 import sys
 
 from data.manifest import ManifestError
-from data.shards import write_shards
+from data.shards import NothingWritten, write_shards
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("manifest")
     parser.add_argument("out_dir")
-    parser.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most")
-    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most")
-    parser.add_argument("--workers", type=int, default=0, help="processes reading and validating media")
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT_DIR")
+    parser.add_argument("--max-samples", type=positive_int, default=1000, help="samples per shard at most")
+    parser.add_argument("--max-bytes", type=positive_float, default=1e9, help="bytes per shard at most")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="processes reading and validating media")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards an earlier make_shards wrote in OUT_DIR (other files are kept)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any sample was left out")
     args = parser.parse_args(argv)
     try:
         stats = write_shards(args.manifest, args.out_dir, args.max_samples, int(args.max_bytes),
                              workers=args.workers, overwrite=args.overwrite)
     except ManifestError as err:
-        print(f"error: {err}" + (" (--overwrite)" if "already holds" in str(err) else ""), file=sys.stderr)
+        for skipped in err.stats.skipped if isinstance(err, NothingWritten) else []:
+            print(f"  line {skipped['line']}: {skipped['reason']}", file=sys.stderr)
+        print(f"error: {err}" + (" (--overwrite)" if "overwrite" in str(err) else ""), file=sys.stderr)
         return 2
     print(f"{stats.written} samples in {len(stats.shards)} shard(s) under {args.out_dir}; "
           f"modalities {dict(stats.modalities)}; {len(stats.skipped)} left out")

@@ -5,6 +5,8 @@ import sys
 import time
 from itertools import islice
 
+import pytest
+
 from data.demo_data import SENTENCES, build_demo_data
 from data.loader import StreamLoader
 from data.media import load_audio, load_image, load_video
@@ -49,3 +51,22 @@ def test_espeak_ng_speech_is_added_when_installed(tmp_path, monkeypatch):
     spoken = [r for r in rows if r["id"].startswith("tts-")]
     assert len(spoken) == 2 and all(r["answer"] in SENTENCES for r in spoken)
     assert load_audio(tmp_path / "demo" / spoken[0]["audio"]).shape == (16000,)  # resampled to 16 kHz
+
+
+def test_rebuilds_its_own_output_and_never_deletes_other_files(tmp_path, capsys):
+    from tools.make_demo_data import main
+    out = tmp_path / "demo"
+    assert main([str(out), "--per-kind", "2"]) == 0
+    media_before = sorted(p.name for p in (out / "media").iterdir())
+    assert main([str(out), "--per-kind", "1"]) == 0  # its own directory: rebuilt, the larger build's media removed
+    media_after = sorted(p.name for p in (out / "media").iterdir())
+    assert set(media_after) < set(media_before) and "shapes_001.png" not in media_after
+    (out / "media" / "mine.png").write_bytes(b"user file")
+    assert main([str(out), "--per-kind", "1"]) == 2
+    assert "did not write (media/mine.png)" in capsys.readouterr().err
+    assert main([str(out), "--per-kind", "1", "--overwrite"]) == 0
+    assert (out / "media" / "mine.png").read_bytes() == b"user file"
+    (out / "train_shards" / "theirs.tar").write_bytes(b"")
+    assert main([str(out), "--per-kind", "1", "--overwrite"]) == 2 and (out / "train_shards" / "theirs.tar").is_file()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "other"), "--per-kind", "0"])

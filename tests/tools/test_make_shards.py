@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import pytest
 import webdataset as wds
 
 from data.media import load_audio, load_image
@@ -60,3 +61,52 @@ def test_parallel_validation_writes_the_same_shards_and_existing_shards_are_kept
     assert "already holds 3 shard(s)" in capsys.readouterr().err
     assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "serial"), "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "serial").glob("*.tar")) == ["shard-000000.tar"]
+
+
+def test_duplicate_and_empty_keys_are_left_out_and_named(tmp_path, assets, capsys):
+    shutil.copy(assets / "coco_000000039769.png", tmp_path / "cats.png")
+    rows = [{"id": "a.b", "image": "cats.png", "caption": "One."}, {"id": "a_b", "image": "cats.png", "caption": "Two."},
+            {"id": "  ", "caption": "Empty key."}, {"id": "c", "images": "cats.png", "caption": "A path, not a list."}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "line 2: " in err and "duplicate key 'a_b' (line 1 has it" in err and "line 3: " in err and "empty `id`" in err
+    keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False)]
+    assert keys == ["a_b", "c"]
+
+
+def test_files_it_did_not_write_are_refused_and_never_deleted(tmp_path, assets, capsys):
+    shutil.copy(assets / "coco_000000039769.png", tmp_path / "cats.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "image": "cats.png", "caption": "Cats."}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([str(tmp_path / "m.jsonl"), str(out)]) == 2
+    assert "did not write (notes.txt)" in capsys.readouterr().err
+    assert main([str(tmp_path / "m.jsonl"), str(out), "--overwrite"]) == 0  # written next to it, notes.txt kept
+    assert (out / "notes.txt").read_text() == "mine" and (out / "shard-000000.tar").is_file()
+    (out / "theirs.tar").write_bytes(b"")  # someone else's shard would be read as part of this dataset
+    assert main([str(tmp_path / "m.jsonl"), str(out), "--overwrite"]) == 2
+    assert "1 shard(s) make_shards did not write (theirs.tar)" in capsys.readouterr().err
+    assert (out / "theirs.tar").is_file()
+
+
+def test_overwrite_with_only_bad_lines_keeps_the_old_shards_and_fails(tmp_path, assets, capsys):
+    shutil.copy(assets / "coco_000000039769.png", tmp_path / "cats.png")
+    (tmp_path / "good.jsonl").write_text(json.dumps({"id": "a", "image": "cats.png", "caption": "Cats."}))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "b", "image": "missing.png", "caption": "x"}) + "\n[1]\n")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "good.jsonl"), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([str(tmp_path / "bad.jsonl"), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing written: all 2 manifest line(s)" in err and "out is unchanged" in err and "line 2:" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("option", [["--max-samples", "0"], ["--workers", "-1"], ["--max-bytes", "0"],
+                                    ["--max-samples", "x"]])
+def test_arguments_are_validated(tmp_path, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "m.jsonl"), str(tmp_path / "out"), *option])
+    assert exit_info.value.code == 2 and option[0] in capsys.readouterr().err and not (tmp_path / "out").exists()
