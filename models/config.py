@@ -127,6 +127,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        present = [option for option in options if option is not type(None)]
+        if len(present) == 1:  # `X | None`: X's own error names the key at fault
+            return _coerce(present[0], value, source, key)
         errors = []
         for option in options:
             if option is type(None):

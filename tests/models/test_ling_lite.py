@@ -128,10 +128,11 @@ def test_experts_implementation_can_be_switched_on_the_model():
     torch.testing.assert_close(model(INPUT).logits, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_full_size_on_meta_has_the_model_card_parameter_counts():
-    config = load_model_config("configs/models/ling-lite.yaml").backbone.config
+def test_full_size_on_meta_has_the_model_card_parameter_counts(tmp_path):
+    from tests.models.releases import ling_lite_config, write_release
+    directory = write_release(tmp_path, ling_lite_config(tiny=False), weights=False)  # a release's config.json only
     with torch.device("meta"):
-        model = LingLiteForCausalLM(LingLiteConfig(**config))
+        model = build_model(directory)
     counts = count_parameters(model)
     total, active = counts.total, counts.active
     # model card: 16.8B total, 2.75B activated (embeddings and LM head included)

@@ -170,10 +170,11 @@ def test_config_rejects_inconsistent_shared_expert_size():
     LingMiniConfig(moe_intermediate_size=512, num_shared_experts=1, moe_shared_expert_intermediate_size=512)
 
 
-def test_full_size_on_meta_has_the_model_card_parameter_counts():
-    config = load_model_config("configs/models/ling-mini-2.0.yaml").backbone.config
+def test_full_size_on_meta_has_the_model_card_parameter_counts(tmp_path):
+    from tests.models.releases import ling_mini_config, write_release
+    directory = write_release(tmp_path, ling_mini_config(tiny=False), weights=False)  # a release's config.json only
     with torch.device("meta"):
-        model = LingMiniForCausalLM(LingMiniConfig(**config))
+        model = build_model(directory)
     counts = count_parameters(model)
     total, active = counts.total, counts.active
     # README of inclusionAI/Ling-V2: "1.43B activated of 16.26B total params", non-embedding active 789M

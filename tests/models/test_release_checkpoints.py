@@ -8,7 +8,6 @@ Key lists: no release `model.safetensors.index.json` was reachable from this pro
 the fixed lists below are written from the official modeling code's module names and the full-size
 config values (model cards; Ming's config.json at inclusionAI/Ming d97e2f3) and say so.
 """
-import json
 import warnings
 
 import numpy as np
