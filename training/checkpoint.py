@@ -337,6 +337,14 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
 
 
 # ---- RNG -------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed every generator a checkpoint saves (torch, CUDA, python, numpy), so that what resume restores
+    is the same in every process that runs the same config."""
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain values (loadable with `weights_only=True`)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

@@ -287,3 +287,13 @@ def test_an_unknown_fault_point_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv(ckpt.FAULT_ENV, "after_everything")
     with pytest.raises(ValueError, match="unknown point 'after_everything'; known points: tmp_created"):
         _save(tmp_path, 1)
+
+
+def test_seed_everything_fixes_every_generator_a_checkpoint_saves():
+    ckpt.seed_everything(5)
+    first = ckpt.rng_state()
+    random.random(), np.random.rand(), torch.rand(1)
+    ckpt.seed_everything(5)
+    second = ckpt.rng_state()
+    assert torch.equal(first["torch"], second["torch"]) and first["python"] == second["python"]
+    assert torch.equal(first["numpy"]["keys"], second["numpy"]["keys"])
