@@ -206,3 +206,35 @@ def test_collate_pads_either_side_and_concatenates_media_in_order(processor, ass
     assert torch.equal(left["input_ids"][short, -lengths[short]:], examples[short]["input_ids"])
     assert torch.equal(right["pixel_values"], torch.cat([examples[0]["pixel_values"], examples[2]["pixel_values"]]))
     assert torch.equal(right["image_grid_thw"], torch.cat([examples[0]["image_grid_thw"], examples[2]["image_grid_thw"]]))
+
+
+def test_the_ming_release_tokenizer_goes_through_the_processor_unchanged(encoders, assets, tmp_path):
+    """Its own ids for every span, video frames as <imagePatch> inside <video> ... </video> (processing_bailingmm.py
+    `_expand_video_tokens`), and the release config's pad id."""
+    from tests.data.test_tokenizer import MING_PAD_TOKEN_ID, MING_RELEASE_SPECIAL_TOKENS, write_ming_release_tokenizer
+    vision, video, audio, projector = encoders
+    path = write_ming_release_tokenizer(tmp_path / "tokenizer.json")
+    processor = OmniProcessor(path, image=vision.preprocessor(), video=video, audio=audio.preprocessor(),
+                              audio_tokens=projector.num_tokens, max_length=4096, pad_id=MING_PAD_TOKEN_ID)
+    token = {name: i for i, name in MING_RELEASE_SPECIAL_TOKENS.items()}
+    sample = {"id": "ming", "conversation": [
+        {"role": "user", "content": "<video> then <image>, and <audio>?"}, {"role": "assistant", "content": "Yes."}],
+        "videos": [assets / "flipping_a_pancake.mkv"], "images": [assets / "coco_000000039769.png"],
+        "audios": [assets / "LDC93S1.wav"]}
+    example = processor(sample)
+    ids, modality = example["input_ids"].tolist(), example["modality_ids"].tolist()
+    video_tokens = video.num_tokens(example["video_grid_thw"])[0]
+    start, end = ids.index(token["<video>"]), ids.index(token["</video>"])
+    assert ids[start + 1:end] == [token["<imagePatch>"]] * video_tokens
+    assert modality[start + 1:end] == [3] * video_tokens  # routed and scattered as video, not image
+    start, end = ids.index(token["<image>"]), ids.index(token["</image>"])
+    assert ids[start + 1:end] == [token["<imagePatch>"]] * vision.num_tokens(example["image_grid_thw"])[0]
+    assert set(modality[start + 1:end]) == {1}
+    start, end = ids.index(token["<audio>"]), ids.index(token["</audio>"])
+    assert ids[start + 1:end] == [token["<audioPatch>"]] * projector.num_tokens(int(example["audio_frames_per_clip"][0]))
+    assert ids[0] == token["<role>"] and ids[-1] == token["<|endoftext|>"] == example["labels"][-1]
+    first_turn = ids[:ids.index(token["</role>"]) + 1]
+    assert processor.tokenizer.decode(first_turn, skip_special_tokens=False) == "<role>HUMAN</role>"
+    short = processor({"id": "t", "conversation": [{"role": "user", "content": "Hi"}]}, generation=True)
+    batch = processor.collate([example, short], padding_side="left")
+    assert batch["input_ids"][1, 0] == MING_PAD_TOKEN_ID and batch["attention_mask"][1, 0] == 0

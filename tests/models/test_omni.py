@@ -279,3 +279,35 @@ def test_3d_packed_samples_keep_their_own_positions_and_logits(tiny_omni_3d, pro
             logits = tiny_omni_3d(**{k: v for k, v in alone.items() if k not in ("labels", "ids")}).logits[0]
         torch.testing.assert_close(packed_logits[start:end], logits, atol=1e-4, rtol=1e-4)
         start = end
+
+
+def test_video_frames_as_image_patches_land_in_their_own_span(tiny_omni, processor, photo, video_frames, tmp_path):
+    """The Ming release tokenizer has no <videoPatch>: video frames are <imagePatch> inside <video>. The model tells
+    the spans apart by their start token and computes what it computes with distinct patch tokens."""
+    import json
+    from dataclasses import replace
+
+    from data.processor import OmniProcessor
+    from data.tokenizer import TINY_TOKENIZER
+    from models.build import build_model
+    model, config = tiny_omni
+    data = json.loads(TINY_TOKENIZER.read_text())
+    for added in data["added_tokens"]:
+        if added["content"] == "<videoPatch>":
+            added["content"] = "<retired>"
+    data["model"]["vocab"]["<retired>"] = data["model"]["vocab"].pop("<videoPatch>")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    shared = build_model(replace(config, tokenizer=str(tmp_path / "tokenizer.json"))).eval()
+    shared.load_state_dict(model.state_dict())
+    assert shared.config.placeholder_ids["video"] == shared.config.placeholder_ids["image"]
+    shared_processor = OmniProcessor.for_model(shared, tmp_path / "tokenizer.json", config.max_length)
+    sample = {"id": "iv", "conversation": convo("<image> and <video>: same room?", "No."), "images": [photo],
+              "videos": [video_frames[:4]]}
+    batches = [p.collate([p(sample)]) for p in (processor, shared_processor)]
+    video_start = shared.config.span_ids["video"][0]
+    ids = batches[1]["input_ids"][0].tolist()
+    assert ids[ids.index(video_start) + 1] == shared.config.placeholder_ids["image"]
+    with torch.no_grad():
+        logits = [m(**{k: v for k, v in b.items() if k not in ("labels", "ids")}).logits
+                  for m, b in ((model, batches[0]), (shared, batches[1]))]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
