@@ -29,17 +29,16 @@ from training.config import TrainConfig  # noqa: E402
 from training.engine import PlainEngine, build_engine, launch_world  # noqa: E402
 from training.objectives import ObjectiveConfig, build_objective  # noqa: E402
 
-MODEL = "configs/models/tiny-ling-lite.yaml"
+MODEL = "tiny-ling-lite"  # Ming-style softmax routers; tiny-ling-mini has sigmoid routers with an expert bias
 MICRO, ACCUM, SEQ = 2, 2, 12
 
 
-def config_for(stage: int, name: str, execution: str, steps: int, engine: str = "deepspeed") -> TrainConfig:
-    data = {"model": MODEL, "steps": steps, "grad_accum": ACCUM, "seed": 0, "precision": "fp32", "device": "cpu",
+def config_for(stage: int, name: str, execution: str, steps: int, model: str = MODEL) -> TrainConfig:
+    data = {"model": f"configs/models/{model}.yaml", "steps": steps, "grad_accum": ACCUM, "seed": 0, "precision": "fp32", "device": "cpu",
             "data": {"batch_size": MICRO}, "optim": {"lr": 1e-2, "warmup_steps": 1, "grad_clip": 0.5},
             "objective": {"name": name, "tiers": {"num_tiers": 3 if name == "ordmoe" else 1},
                           "execution": execution, "bias_update_rate": 1e-3}}
-    if engine == "deepspeed":
-        data.update(engine="deepspeed", deepspeed=f"configs/deepspeed/zero{stage}.json")
+    data.update(engine="deepspeed", deepspeed=f"configs/deepspeed/zero{stage}.json")
     return from_dict(TrainConfig, data, source="deepspeed_cases")
 
 
@@ -89,6 +88,12 @@ def full_params(engine) -> dict[str, torch.Tensor]:
     if state is None and getattr(engine, "stage", 2) != 3:
         state = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
     return state
+
+
+def update_errors(got: dict, expected: dict, initial: dict) -> dict[str, float]:
+    """Per tensor: |got - expected| / |expected - initial|, the error relative to what training changed."""
+    return {k: float((got[k].float() - v).norm() / (v - initial[k]).norm().clamp(min=1e-30))
+            for k, v in expected.items() if k in got and v.is_floating_point() and not torch.equal(v, initial[k])}
 
 
 def checksum(tensors) -> float:
@@ -147,10 +152,8 @@ def training_case(cfg: TrainConfig, steps: int, rank: int, world: int) -> dict:
         plain_objective = build_objective(plain_cfg.objective, plain.model)
         result["plain_norms"] = [one_step(plain, plain_objective, global_batches(step, world), step)
                                  for step in range(1, steps + 1)]
-        reference = plain.model.state_dict()
-        result["param_errors"] = {k: float((state[k].float() - v).abs().max() / v.abs().max().clamp(min=1e-30))
-                                  for k, v in reference.items() if k in state and v.is_floating_point()}
-        result["missing_params"] = sorted(set(reference) - set(state))
+        result["param_errors"] = update_errors(state, plain.model.state_dict(), fresh_model(cfg).state_dict())
+        result["missing_params"] = sorted(set(plain.model.state_dict()) - set(state))
     return result
 
 
@@ -173,9 +176,7 @@ def nan_case(cfg: TrainConfig, rank: int, world: int) -> dict:
         plain_objective = build_objective(plain_cfg.objective, plain.model)
         result["plain_norms"] = [one_step(plain, plain_objective, global_batches(step, world), step,
                                           poisoned=(ACCUM,) if step == 2 else ()) for step in range(1, 4)]
-        reference = plain.model.state_dict()
-        result["param_errors"] = {k: float((state[k].float() - v).abs().max() / v.abs().max().clamp(min=1e-30))
-                                  for k, v in reference.items() if k in state and v.is_floating_point()}
+        result["param_errors"] = update_errors(state, plain.model.state_dict(), fresh_model(cfg).state_dict())
     return result
 
 
@@ -183,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", default="2:ntp:sequential,2:ordmoe:sequential,3:ordmoe:batched",
-                        help="stage:objective:execution, comma-separated")
+                        help="stage:objective:execution[:model], comma-separated")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--nan", default="", help="ZeRO stages to run the NaN case under, e.g. 2,3")
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
@@ -191,8 +192,8 @@ def main() -> None:
     rank, _, world = launch_world()
     results = {"world_size": world, "cases": {}, "nan": {}}
     for spec in args.cases.split(","):
-        stage, name, execution = spec.split(":")
-        cfg = config_for(int(stage), name, execution, args.steps)
+        stage, name, execution, *model = spec.split(":")
+        cfg = config_for(int(stage), name, execution, args.steps, *model)
         results["cases"][spec] = {**gradient_case(cfg, rank, world), **training_case(cfg, args.steps, rank, world)}
     for stage in filter(None, args.nan.split(",")):
         results["nan"][stage] = nan_case(config_for(int(stage), "ordmoe", "sequential", 3), rank, world)
