@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested sections")
     parser.add_argument("--check", action="store_true", help="validate the run and print what it would do; write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to metrics.jsonl)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # `deepspeed` passes it; LOCAL_RANK is read
     args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     source = args.config + (f" (with overrides {' '.join(args.overrides)})" if args.overrides else "")
     try:
