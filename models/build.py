@@ -88,8 +88,8 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
     if not isinstance(config, ModelConfig):
         source, config = str(config), load_model_config(config)
     shapes_only = torch.empty(0).device.type == "meta"  # on the meta device: no weights (a tokenizer if present)
-    if config.release is not None and not shapes_only:
-        from models.release import check_release_files
+    if config.release is not None and not shapes_only and config.release in (config.checkpoint, config.backbone.checkpoint):
+        from models.release import check_release_files  # its weights are loaded from it: every file must be there
         check_release_files(config.release)
     if not config.is_omni:
         model = build_backbone(config.backbone.name, config.backbone.config, source=source)

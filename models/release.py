@@ -157,7 +157,7 @@ class Section:
         return self.values.get(field, default)
 
     def take_known(self, fields: tuple[str, ...] | frozenset[str] | set[str]) -> dict[str, Any]:
-        return {f: self.take(f) for f in fields if f in self.values}
+        return {f: self.take(f) for f in list(self.values) if f in fields}  # in the file's order
 
     def drop(self, reasons: dict[str, str] | frozenset[str]) -> None:
         for field in reasons:

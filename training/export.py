@@ -30,8 +30,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from data.processor import OmniProcessor
-from models.build import ModelConfig, build_model
+from models.build import ModelConfig, build_model, load_model_config
 from models.config import ConfigError, from_dict, read_yaml, to_dict
+from models.release import is_release_dir
 from training.checkpoint import latest_checkpoint
 
 MODEL_CONFIG = "model_config.yaml"
@@ -106,8 +107,9 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """`(model in eval mode, processor)` from a run directory, a checkpoint / export directory, or a model
     YAML. The processor is None only for a model without a tokenizer."""
     model_dir = resolve_model_dir(path)
-    if model_dir.is_file():  # a model YAML: build it (with any checkpoints it names)
-        config = from_dict(ModelConfig, read_yaml(model_dir), source=str(model_dir))
+    if model_dir.is_file() or is_release_dir(model_dir) and not (model_dir / MODEL_CONFIG).is_file():
+        # a model YAML or a released checkpoint's directory: build it (with the weights it names)
+        config = load_model_config(model_dir)
         model = build_model(config, source=str(model_dir))
         processor_settings: dict[str, Any] = {"template": "ming"}
     else:
@@ -122,7 +124,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 def resolve_model_dir(path: str | Path) -> Path:
     """A run directory -> its latest valid checkpoint; a checkpoint / export directory or a YAML -> itself."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_release_dir(path) and not (path / MODEL_CONFIG).is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run, checkpoint or export directory, or model config file")
@@ -170,9 +172,13 @@ def _config_dict(model_config: str | Path | ModelConfig | dict[str, Any]) -> tup
     if isinstance(model_config, dict):
         return dict(model_config), "<dict>"
     path = Path(model_config)
+    if is_release_dir(path) and not (path / MODEL_CONFIG).is_file():  # a released checkpoint (models/release.py)
+        return to_dict(load_model_config(path)), str(path / "config.json")
     if path.is_dir():  # a model directory (e.g. a previous stage's checkpoint): its resolved config
         return yaml.safe_load((path / MODEL_CONFIG).read_text()), str(path / MODEL_CONFIG)
     data = read_yaml(path)
+    if "release" in data:  # a YAML on a release: its sections resolved from the release
+        return to_dict(load_model_config(path)), str(path)
     if data.get("tokenizer") is not None:
         data["tokenizer"] = str(_existing(data["tokenizer"], f"{path}: tokenizer", path.parent))
     return data, str(path)

@@ -173,6 +173,12 @@ def model_config_path(model: str) -> Path:
 
 
 def check_model(config: TrainConfig, source: str) -> ModelSummary:
+    from models.release import is_release_dir
+    if is_release_dir(config.model) and not (Path(config.model) / "model_config.yaml").is_file():
+        try:  # a released checkpoint's directory (models/release.py)
+            return summarize_model(load_model_config(config.model), config.model)
+        except ConfigError as err:
+            raise RunRefused(f"{source}: model: {err}") from None
     path = model_config_path(config.model)
     if not path.is_file():
         where = "a model directory without model_config.yaml" if Path(config.model).is_dir() else "no such file"

@@ -390,3 +390,11 @@ def test_whisper_positional_embedding_lands_where_our_encoder_reads_it(tmp_path)
     # with zero convolutions (gelu(0) = 0) the first block reads exactly the positional rows of the frames
     first = seen[0][0]
     torch.testing.assert_close(first, table[: first.shape[0]])
+
+
+def test_load_trained_and_training_validation_take_a_release_directory(releases):
+    from training.export import load_trained
+    model, processor = load_trained(releases["ming-lite-omni-1.5"])
+    assert type(model).__name__ == "OmniModel" and processor is not None
+    llm, _ = load_trained(releases["ling-lite"])
+    torch.testing.assert_close(llm.lm_head.weight, official_tensors(releases["ling-lite"])["lm_head.weight"])
