@@ -151,8 +151,8 @@ class TierObjective:
         with torch.set_grad_enabled(training):
             if self.config.execution == "batched" and len(grad_tiers) > 1:
                 rows = tuple(t for t in grad_tiers for _ in range(shared.shape[0]))
-                logits = self._forward(model, _repeat(start, len(grad_tiers)),
-                                       {k: _repeat(v, len(grad_tiers)) for k, v in forward_kwargs.items()},
+                stacked = {k: _repeat(v, len(grad_tiers), _batch_dim(k, v)) for k, v in forward_kwargs.items()}
+                logits = self._forward(model, _repeat(start, len(grad_tiers)), stacked,
                                        rows, record=True, step=step, token_mask=_repeat(mask_tokens, len(grad_tiers)))
                 records = self._path_one_records(shared.shape[0] * shared.shape[1])
                 terms = [term_for(t, chunk, records if t == 1 else None)
@@ -282,8 +282,13 @@ def _expert_load(record, token_mask: torch.Tensor | None) -> torch.Tensor:
     return torch.bincount(indices.reshape(-1), minlength=n).float().detach()
 
 
-def _repeat(value: Any, times: int) -> Any:
-    return torch.cat([value] * times) if isinstance(value, torch.Tensor) else value
+def _repeat(value: Any, times: int, dim: int = 0) -> Any:
+    return torch.cat([value] * times, dim=dim) if isinstance(value, torch.Tensor) else value
+
+
+def _batch_dim(key: str, value: Any) -> int:
+    """3-D RoPE position ids are [4, B, T] (models/rope.py): their batch is dim 1."""
+    return 1 if key == "position_ids" and isinstance(value, torch.Tensor) and value.ndim == 3 else 0
 
 
 @OBJECTIVES.register("ntp")

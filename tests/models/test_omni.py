@@ -311,3 +311,12 @@ def test_video_frames_as_image_patches_land_in_their_own_span(tiny_omni, process
         logits = [m(**{k: v for k, v in b.items() if k not in ("labels", "ids")}).logits
                   for m, b in ((model, batches[0]), (shared, batches[1]))]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_3d_ordmoe_batched_paths_equal_sequential_paths(tiny_omni_3d, mixed_batch):
+    """The objective stacks tier paths along the batch: 3-D position ids [4, B, T] stack along their dim 1."""
+    results = {}
+    for execution in ("sequential", "batched"):
+        objective = build_objective(ObjectiveConfig(name="ordmoe", execution=execution), tiny_omni_3d)
+        results[execution] = objective(tiny_omni_3d, mixed_batch, backward=None, step=50)  # evaluation: no grads
+    assert results["batched"].loss == pytest.approx(results["sequential"].loss, rel=1e-5)
