@@ -84,7 +84,6 @@ SANM_FIELDS = frozenset({"audio_encoder_output_size", "audio_decoder_type", "aud
                          "use_audio_bpe_token", "ds_conv_type", "audio_wav_frontend_config_sanm",
                          "audio_encoder_config_sanm"})
 WHISPER_DIMS = ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")  # openai-whisper AudioEncoder arguments
-WHISPER_WINDOW = 1500  # encoder positions of one 30-s window (models/encoders.py WhisperSection)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,12 +242,10 @@ def _whisper(section: Section, file: Path) -> tuple[dict[str, Any], dict[str, An
                                      "n_head and n_layer")
     n = {d: dims.take(d) for d in WHISPER_DIMS}
     dims.finish(WHISPER_DIMS)
-    if n["n_ctx"] < WHISPER_WINDOW:
-        raise dims.error("n_ctx", f"= {n['n_ctx']} is shorter than one 30-s window ({WHISPER_WINDOW} positions)")
-    # openai-whisper: MLP width 4 * n_state, GELU; its sinusoid positional table's rows do not depend on
-    # n_ctx, so the first 1500 rows (models/ming_checkpoint.py) are exactly what each 30-s window reads.
+    # openai-whisper AudioEncoder: MLP width 4 * n_state (GELU), a positional table of n_ctx rows; Ming's
+    # n_ctx=15000 lets a clip of up to 300 s be encoded at its own length (modeling_whisper_encoder.py)
     encoder = {"d_model": n["n_state"], "encoder_layers": n["n_layer"], "encoder_attention_heads": n["n_head"],
-               "encoder_ffn_dim": 4 * n["n_state"], "num_mel_bins": n["n_mels"], "max_source_positions": WHISPER_WINDOW}
+               "encoder_ffn_dim": 4 * n["n_state"], "num_mel_bins": n["n_mels"], "max_source_positions": n["n_ctx"]}
     projector = {"kernel_size": section.take("ds_kernel_size", 3), "stride": section.take("ds_stride", 2)}
     return {"name": "whisper", "config": encoder}, projector
 
