@@ -1,6 +1,7 @@
 """The atomic checkpoint writer: verified, pruned by write order, refused when damaged or foreign."""
 import errno
 import json
+import os
 import random
 import threading
 
@@ -283,10 +284,17 @@ def test_write_atomic_replaces_whole_files_or_nothing(tmp_path, monkeypatch):
     assert json.loads(target.read_text()) == {"new": 2} and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
-def test_an_unknown_fault_point_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv(ckpt.FAULT_ENV, "after_everything")
-    with pytest.raises(ValueError, match="unknown point 'after_everything'; known points: tmp_created"):
+@pytest.mark.parametrize("spec", ["after_everything", "renamed@two", "@3"])
+def test_an_unknown_fault_point_is_refused_before_writing(tmp_path, monkeypatch, spec):
+    monkeypatch.setenv(ckpt.FAULT_ENV, spec)
+    with pytest.raises(ValueError, match=r"expected <point>\[@<step>\] with a point among tmp_created"):
         _save(tmp_path, 1)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_fault_point_for_another_step_lets_the_write_through(tmp_path, monkeypatch):
+    monkeypatch.setenv(ckpt.FAULT_ENV, "renamed@7")
+    assert latest_checkpoint(tmp_path) is None and _save(tmp_path, 1) == latest_checkpoint(tmp_path)
 
 
 def test_seed_everything_fixes_every_generator_a_checkpoint_saves():
@@ -297,3 +305,18 @@ def test_seed_everything_fixes_every_generator_a_checkpoint_saves():
     second = ckpt.rng_state()
     assert torch.equal(first["torch"], second["torch"]) and first["python"] == second["python"]
     assert torch.equal(first["numpy"]["keys"], second["numpy"]["keys"])
+
+
+def test_a_verified_checkpoint_is_hashed_once_per_process_unless_it_changes(tmp_path, monkeypatch):
+    path = _save(tmp_path, 1)
+    hashed = []
+    real = ckpt._sha256_all
+    monkeypatch.setattr(ckpt, "_sha256_all", lambda paths, **kw: hashed.append(len(paths)) or real(paths, **kw))
+    verify_checkpoint(path)
+    verify_checkpoint(path)
+    assert hashed == [3]
+    _flip_a_byte(path)
+    weights = path / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # past a coarse clock tick
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the SHA-256"):
+        verify_checkpoint(path)
