@@ -1,15 +1,13 @@
 """The generation runner on the tiny omni model: batched = one-by-one token for token, per-sample errors,
 the cache (resume, no regeneration), torchrun-style sharding over two gloo processes, tier plans restored."""
-import io
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from evaluation.benchmark import Result, Sample
+from evaluation.benchmark import Sample
 from evaluation.cache import PredictionCache, read_results
 from evaluation.runner import MODEL_INPUTS_EXCLUDED, generate_batch, run_generation
 

@@ -86,6 +86,12 @@ def test_report_then_cache_then_resume(trained_run, data_root, tmp_path, monkeyp
     assert calls["n"] == 0  # a finished run re-scores from the cache without generating
     assert json.loads((tmp_path / "report.json").read_text())["rows"][0]["scores"] == row["scores"]
 
+    # our own predictions re-score without model or data
+    (stored,) = (tmp_path / "predictions").glob("*/ai2d.vlmevalkit.jsonl")
+    assert eval_main(["--rescore", str(stored), "--benchmarks", "ai2d", "--output", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "report.json").read_text())["rows"][0]["scores"]["ai2d"]
+    assert rescored == row["scores"]["ai2d"]
+
 
 def test_tiers_add_one_row_per_tier_path(trained_run, data_root, tmp_path):
     assert eval_main([str(trained_run), "--benchmarks", "mmstar", "--data-root", str(data_root), "--output",
