@@ -3,11 +3,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from data.processor import collate
-from models.checkpoint import to_official
-from models.ming_checkpoint import load_ming_checkpoint
 from models.omni import OmniModel
 from models.routing import TierRouting
 from training.objectives import ObjectiveConfig, build_objective
@@ -112,54 +109,6 @@ def test_kv_cache_generation_equals_no_cache_generation(tiny_omni, processor, ph
         uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.shape[1] == inputs["input_ids"].shape[1] + 6
     assert torch.equal(cached, uncached)
-
-
-def to_openai_whisper(key):
-    """transformers WhisperEncoder names -> openai-whisper AudioEncoder names (as in Ming checkpoints)."""
-    table = {"self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
-             "self_attn.out_proj": "attn.out", "self_attn_layer_norm": "attn_ln", "fc1": "mlp.0", "fc2": "mlp.2",
-             "final_layer_norm": "mlp_ln"}
-    if key == "embed_positions.weight":
-        return "positional_embedding"
-    if key.startswith("layer_norm."):
-        return key.replace("layer_norm.", "ln_post.", 1)
-    if key.startswith("layers."):
-        _, index, rest = key.split(".", 2)
-        for ours, theirs in table.items():
-            if rest.startswith(ours + "."):
-                return f"blocks.{index}.{theirs}{rest[len(ours):]}"
-    return key
-
-
-def test_ming_lite_omni_checkpoint_layout_loads(tiny_omni, mixed_batch, tmp_path):
-    model, config = tiny_omni
-    tensors = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
-    tensors.update({f"audio.{to_openai_whisper(k)}": v for k, v in model.audio.state_dict().items()})
-    tensors.update({f"linear_proj.{k}": v for k, v in model.linear_proj.state_dict().items()})
-    tensors.update({f"linear_proj_audio.{k}": v for k, v in model.linear_proj_audio.state_dict().items()})
-    tensors.update({f"model.{k}": v for k, v in to_official(model.model).items()})
-    assert any(".experts.3.gate_proj.weight" in k for k in tensors) and any(".image_gate." in k for k in tensors)
-    assert "audio.blocks.0.attn.query.weight" in tensors and "audio.positional_embedding" in tensors
-    keys = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-    for name, part in shards.items():
-        save_file({k: tensors[k].contiguous() for k in part}, str(tmp_path / name))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
-
-    from models.build import build_model
-    fresh = build_model(config).eval()
-    load_ming_checkpoint(fresh, tmp_path)
-    inputs = {k: v for k, v in mixed_batch.items() if k not in ("labels", "ids")}
-    with torch.no_grad():
-        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
-
-    (tmp_path / "model-00002-of-00002.safetensors").unlink()
-    save_file({k: tensors[k].contiguous() for k in shards["model-00002-of-00002.safetensors"][1:]},
-              str(tmp_path / "model-00002-of-00002.safetensors"))
-    with pytest.raises(Exception, match="missing|lacks"):
-        load_ming_checkpoint(build_model(config), tmp_path)
 
 
 def generate(model, batch, max_new_tokens=6):
