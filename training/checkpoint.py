@@ -34,6 +34,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ FAULT_POINTS = ("tmp_created", "weights_written", "trainer_state_written", "meta
 _RESERVED_META = ("format", "step", "sequence", "written_at", "finite", "world_size", "files")
 _CHECKPOINT_NAME = re.compile(r"step-\d+")
 _STALE_PREFIXES = (".tmp-", ".trash-")
+_verified: dict[str, tuple] = {}  # checkpoint -> `_signature` when it last verified in this process
 _writing_step: int | None = None  # the step of the write in progress, for the fault points inside `write`
 
 
@@ -112,6 +114,7 @@ def save_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], N
     clash = sorted(set(meta) & set(_RESERVED_META))
     if clash:
         raise ValueError(f"checkpoint meta keys {clash} are written by save_checkpoint itself")
+    _requested_fault()  # refuse a misspelt fault point before anything is written
     sync = barrier or (lambda: None)
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
@@ -213,14 +216,20 @@ def remove_stale_writes(output_dir: str | Path) -> list[Path]:
 def fault_point(name: str) -> None:
     """SIGKILL this process here when `ORDMOE_CHECKPOINT_FAULT` names `name` (and the step being written,
     when given as `name@step`). Engines call it at the points of their own `write` too."""
+    fault = _requested_fault()
+    if fault is not None and fault[0] == name and fault[1] in (None, _writing_step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _requested_fault() -> tuple[str, int | None] | None:
+    """(point, step or None) from `ORDMOE_CHECKPOINT_FAULT`; a misspelt point is an error, not a no-op."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return None
     point, _, at_step = spec.partition("@")
-    if point not in FAULT_POINTS:
-        raise ValueError(f"{FAULT_ENV}={spec}: unknown point {point!r}; known points: {', '.join(FAULT_POINTS)}")
-    if point == name and (not at_step or _writing_step == int(at_step)):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if point not in FAULT_POINTS or not (at_step == "" or at_step.isdigit()):
+        raise ValueError(f"{FAULT_ENV}={spec}: expected <point>[@<step>] with a point among {', '.join(FAULT_POINTS)}")
+    return point, int(at_step) if at_step else None
 
 
 # ---- finding and loading -------------------------------------------------------------------------------
@@ -299,8 +308,14 @@ def checkpoint_problem(path: str | Path) -> str | None:
         size = file.stat().st_size
         if size != record.get("size"):
             return f"{file} has {size} bytes, {META} recorded {record.get('size')} (truncated or rewritten)"
-        if _sha256(file) != record.get("sha256"):
-            return f"{file} does not match the SHA-256 in {META} (corrupted)"
+    key, signature = str(path.resolve()), _signature(path, files)
+    if _verified.get(key) == signature:  # hashed already by this process (e.g. the run check, then the loop)
+        return None
+    digests = _sha256_all([path / name for name in files])
+    for (name, record), digest in zip(files.items(), digests):
+        if digest != record.get("sha256"):
+            return f"{path / name} does not match the SHA-256 in {META} (corrupted)"
+    _verified[key] = signature
     return None
 
 
@@ -386,11 +401,9 @@ def load_rng_state(directory: str | Path, rank: int = 0) -> bool:
 
 # ---- pieces ----------------------------------------------------------------------------------------------
 def _write_meta(tmp: Path, root: Path, step: int, meta: dict[str, Any], finite: bool, world_size: int) -> None:
-    files = {}
-    for file in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != META):
-        with file.open("rb") as handle:
-            os.fsync(handle.fileno())  # the bytes hashed are the bytes on disk after a power cut
-        files[file.relative_to(tmp).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+    written = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != META)
+    files = {file.relative_to(tmp).as_posix(): {"size": file.stat().st_size, "sha256": digest}
+             for file, digest in zip(written, _sha256_all(written, fsync=True))}
     sequence = 1 + max((_write_order(p)[0] for p in root.iterdir()
                         if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)), default=0)
     record = {"format": FORMAT_VERSION, "step": step, "sequence": sequence, "written_at": time.time(),
@@ -533,9 +546,23 @@ def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, fsync: bool = False) -> str:
     with path.open("rb") as file:
+        if fsync:  # the bytes hashed are the bytes on disk after a power cut
+            os.fsync(file.fileno())
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _sha256_all(paths: list[Path], fsync: bool = False) -> list[str]:
+    """SHA-256 of many files in threads (hashlib releases the GIL): sharded engine states are many large files."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(len(paths), 1))) as pool:
+        return list(pool.map(lambda path: _sha256(path, fsync), paths))
+
+
+def _signature(path: Path, files: Mapping[str, Any]) -> tuple:
+    """What a verification saw: size, mtime and inode of meta.json and of every file it lists."""
+    stats = [(name, (path / name).stat()) for name in (META, *files)]
+    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats)
 
 
 def _inside(path: Path, directory: Path) -> bool:

@@ -216,4 +216,5 @@ def save(config: TrainConfig, engine: Engine, batches: Any, step: int, metrics: 
 
     return save_checkpoint(output_dir, step, write, {"model_config": str(config.model), "metrics": metrics},
                            keep=config.keep_checkpoints, is_main=engine.is_main, barrier=engine.barrier,
-                           finite=math.isfinite(metrics["loss"]), world_size=engine.world_size)
+                           finite=math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]),
+                           world_size=engine.world_size)
