@@ -23,6 +23,7 @@ One benchmark = one registered adapter class (timm style):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ class Score:
         return out
 
 
-class Benchmark:
+class Benchmark(ABC):
     """Base class of the registered adapters; subclasses set the class attributes and implement `samples`
     and `score`."""
 
@@ -126,11 +127,13 @@ class Benchmark:
         expected = " or ".join(str(self.data_root / p) for p in self.locations)
         raise MissingData(f"{self.name}: data not found; expected {expected}" + (f" ({self.release})" if self.release else ""))
 
+    @abstractmethod
     def samples(self) -> Iterator[Sample]:
-        raise NotImplementedError(f"{type(self).__name__} must implement samples()")
+        """The benchmark's samples, read from its release under `data_root`."""
 
+    @abstractmethod
     def score(self, results: list[Result]) -> Score:
-        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+        """The official score of `results` under `self.protocol`."""
 
     def results_from_table(self, table: Any, source: str) -> list[Result]:
         """Results from a VLMEvalKit prediction table (a pandas DataFrame of its `.xlsx` / `.tsv` with a

@@ -9,6 +9,7 @@ processor (data/media.py `load_audio`); an undecodable file is an error of that 
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -31,8 +32,9 @@ class SpeechRecognition(Benchmark):
     max_new_tokens = 128  # the longest LibriSpeech test utterance (35 s) has about 90 words
     language: ClassVar[str] = "en"
 
+    @abstractmethod
     def utterances(self) -> list[Utterance]:
-        raise NotImplementedError(f"{type(self).__name__} must implement utterances()")
+        """The test set's utterances (audio path + reference transcript), read from its release layout."""
 
     def samples(self) -> Iterator[Sample]:
         for utterance in self.utterances():
