@@ -185,7 +185,7 @@ def list_shards(source: str | Path) -> list[str]:
         return shards
     text = str(source)
     if not (text.startswith("pipe:") or "://" in text or "{" in text):
-        raise FileNotFoundError(f"shard directory not found: {source} (or give a brace pattern of shard URLs)")
+        raise FileNotFoundError(f"shard directory not found: {source}; write it with `python -m tools.make_shards MANIFEST {source}` (the demo's: `python -m tools.make_demo_data`), or give a brace pattern of shard URLs")
     return list(braceexpand(text))
 
 
