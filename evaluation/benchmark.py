@@ -22,6 +22,7 @@ One benchmark = one registered adapter class (timm style):
 """
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -41,6 +42,29 @@ class MissingData(FileNotFoundError):
 
 class DataError(ValueError):
     """A benchmark file is malformed; the message names the file and the column, record or key at fault."""
+
+
+def read_json(path: Path, expect: type | None = None) -> Any:
+    """A benchmark's JSON file; `expect` (dict or list) is the container its release format has."""
+    if not path.is_file():
+        raise MissingData(f"{path}: not found")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if expect is not None and not isinstance(records, expect):
+        shape = "a mapping of id -> record" if expect is dict else "a list of records"
+        raise DataError(f"{path}: expected {shape}, got {type(records).__name__}")
+    return records
+
+
+def require(record: Any, keys: tuple[str, ...], where: str) -> None:
+    """Every key of `keys` in `record`, else a DataError naming the record (`where`) and the missing keys."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
 
 
 @dataclass

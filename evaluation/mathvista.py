@@ -9,11 +9,10 @@ Scoring: evaluation/mathvista_scoring.py; accuracy (%) overall and per `task`.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 
-from evaluation.benchmark import BENCHMARKS, Benchmark, DataError, Result, Sample, Score
+from evaluation.benchmark import BENCHMARKS, Benchmark, Result, Sample, Score, read_json, require
 from evaluation.choice_accuracy import mean
 from evaluation.mathvista_scoring import mathvista_correct, normalize_extracted, official_extraction, rule_extraction
 
@@ -54,16 +53,9 @@ class MathVista(Benchmark):
 
     def samples(self) -> Iterator[Sample]:
         path = self.locate()
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(records, dict):
-            raise DataError(f"{path}: expected a mapping pid -> problem, got {type(records).__name__}")
+        records = read_json(path, dict)
         for pid, record in records.items():
-            missing = [f for f in FIELDS if f not in record]
-            if missing:
-                raise DataError(f"{path} pid {pid}: missing key(s) {', '.join(missing)}")
+            require(record, FIELDS, f"{path} pid {pid}")
             query = record.get("query") or official_query(record)
             meta = {k: record.get(k) for k in ("choices", "question_type", "answer_type", "precision")}
             meta.update(task=(record.get("metadata") or {}).get("task"))

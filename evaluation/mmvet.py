@@ -9,11 +9,10 @@ EVAL_JUDGE_MODEL, EVAL_JUDGE_API_KEY) the score is "not scored", never a number.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from evaluation.benchmark import BENCHMARKS, Benchmark, DataError, Result, Sample, Score
+from evaluation.benchmark import BENCHMARKS, Benchmark, Result, Sample, Score, read_json, require
 from evaluation.choice_accuracy import mean
 from evaluation.judge import Judge, JudgeError
 
@@ -79,14 +78,9 @@ class MMVet(Benchmark):
 
     def samples(self) -> Iterator[Sample]:
         path = self.locate()
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from None
+        records = read_json(path, dict)
         for key, record in records.items():
-            missing = [f for f in ("imagename", "question", "answer", "capability") if f not in record]
-            if missing:
-                raise DataError(f"{path} {key}: missing key(s) {', '.join(missing)}")
+            require(record, ("imagename", "question", "answer", "capability"), f"{path} {key}")
             capability = record["capability"]
             capability = capability.split(",") if isinstance(capability, str) else list(capability)
             yield Sample(id=key, conversation=[{"role": "user", "content": "<image>\n" + record["question"]}],

@@ -6,10 +6,9 @@ alone (the official scripts, VLMEvalKit and lmms-eval add nothing); scoring in e
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
-from evaluation.benchmark import BENCHMARKS, Benchmark, DataError, Result, Sample, Score
+from evaluation.benchmark import BENCHMARKS, Benchmark, Result, Sample, Score, read_json, require
 from evaluation.ocrbench_scoring import REPORTED_CATEGORIES, ocrbench_match, ocrbench_points
 
 FIELDS = ("dataset_name", "id", "image_path", "question", "answers", "type")
@@ -25,17 +24,10 @@ class OCRBench(Benchmark):
 
     def samples(self) -> Iterator[Sample]:
         path = self.locate()
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a list of records, got {type(records).__name__}")
+        records = read_json(path, list)
         images = next((path.parent / d for d in IMAGE_DIRS if (path.parent / d).is_dir()), path.parent)
         for number, record in enumerate(records):
-            missing = [f for f in FIELDS if f not in record]
-            if missing:
-                raise DataError(f"{path} record {number}: missing key(s) {', '.join(missing)}")
+            require(record, FIELDS, f"{path} record {number}")
             answers = record["answers"]
             # ids repeat across source datasets: the position is the sample id (VLMEvalKit's TSV `index` too)
             yield Sample(id=str(number), answer=answers if isinstance(answers, list) else [answers],

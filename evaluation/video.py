@@ -13,7 +13,6 @@ the sample's batch is processed (evaluation/video_media.py); `num_frames=` sets 
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -24,7 +23,8 @@ from typing import Any, ClassVar
 import av
 import numpy as np
 
-from evaluation.benchmark import BENCHMARKS, Benchmark, DataError, MissingData, Result, Sample, Score
+from evaluation.benchmark import (BENCHMARKS, Benchmark, DataError, MissingData, Result, Sample, Score, read_json,
+                                  require)
 from evaluation.choice_scoring import lmms_eval_mcq_letter, vlmevalkit_choice
 from evaluation.moment_scoring import PROTOCOL as MOMENT_PROTOCOL
 from evaluation.moment_scoring import SEGMENT_SECONDS, parse_moment, score_moments
@@ -56,21 +56,6 @@ def find_video(folder: Path, name: str) -> Path | None:
         return exact
     stem = folder / Path(name).stem
     return next((stem.with_suffix(s) for s in VIDEO_SUFFIXES if stem.with_suffix(s).is_file()), None)
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise MissingData(f"{path}: not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-
-
-def require(record: dict, keys: tuple[str, ...], where: str) -> None:
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
 
 
 def accuracy(correct: list[bool]) -> float:
