@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from models.backbones import BACKBONES, check_config_keys
 from models.moe import (GatedMLP, MultiGateRouter, SigmoidGroupRouter, SoftmaxTopKRouter, SparseMoeBlock,
                         init_moe_module)
-from models.rope import MultimodalRope, is_3d_rope, split_position_ids
+from models.rope import LingRope, MultimodalRope, is_3d_rope, split_position_ids
 
 
 ROPE_TYPES = ("3D",)  # rope_scaling types accepted besides None (1-D RoPE)
@@ -157,26 +157,6 @@ class LingRMSNorm(nn.Module):
         x = hidden_states.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
-
-
-class LingRope(nn.Module):
-    """Default RoPE over the first `int(head_dim * partial_rotary_factor)` dims of each head (rotate-half)."""
-
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.rotary_dim = int(config.head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0))
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
-
-    def compute_inv_freq(self) -> torch.Tensor:
-        dim = self.rotary_dim
-        return 1.0 / (float(self.config.rope_theta) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device).float()  # [B, T, rot/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +301,7 @@ class LingPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         init_moe_module(module, std)
-        if isinstance(module, (LingRope, MultimodalRope)):
+        if isinstance(module, LingRope):  # MultimodalRope too
             init.copy_(module.inv_freq, module.compute_inv_freq())
 
 

@@ -56,31 +56,44 @@ def mrope_section(rotary_dim: int) -> tuple[int, int, int]:
     return pairs // 4, 3 * pairs // 8, 3 * pairs // 8
 
 
-class MultimodalRope(nn.Module):
-    """Rotary cos/sin for 3-D position ids `[3, B, T]` (a `[B, T]` tensor means text: all rows equal, which is
-    exactly 1-D RoPE). Same interface and output layout as models/ling_lite.py's `LingRope`."""
+class LingRope(nn.Module):
+    """Default RoPE over the first `int(head_dim * partial_rotary_factor)` dims of each head (rotate-half)."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         self.rotary_dim = int(config.head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0))
-        self.section = mrope_section(self.rotary_dim)
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self) -> torch.Tensor:
         dim = self.rotary_dim
         return 1.0 / (float(self.config.rope_theta) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """`[B, T, rotary_dim / 2]` angles: position x inverse frequency."""
+        return position_ids[..., None].float() * self.inv_freq.to(position_ids.device).float()
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.cat([self.frequencies(position_ids.to(x.device))] * 2, dim=-1)  # both rotate-half halves
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+class MultimodalRope(LingRope):
+    """Rotary cos/sin for 3-D position ids `[3, B, T]` (a `[B, T]` tensor means text: all rows equal, which is
+    exactly 1-D RoPE). Same interface and output layout as the 1-D `LingRope`."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.section = mrope_section(self.rotary_dim)
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
         if position_ids.ndim == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device).float()  # [3, B, T, rot/2]
+        freqs = super().frequencies(position_ids)  # [3, B, T, rot/2]
         # frequency pairs [0, s0) follow row t, [s0, s0 + s1) row h, the rest row w; the two rotate-half halves
         # repeat the same split (apply_multimodal_rotary_pos_emb's `mrope_section * 2`)
-        freqs = torch.cat([part[row] for row, part in enumerate(freqs.split(list(self.section), dim=-1))], dim=-1)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return torch.cat([part[row] for row, part in enumerate(freqs.split(list(self.section), dim=-1))], dim=-1)
 
 
 def split_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
