@@ -56,9 +56,13 @@ def load_shipped(path: Path, tmp_path: Path) -> str:
 
 def absent_release(path: Path) -> str | None:
     """A real-model YAML whose release (directory or hub id) is not on this machine: nothing to build from."""
-    if path.suffix not in (".yaml", ".yml") or "models" not in path.parts:
+    if path.suffix not in (".yaml", ".yml") or not {"models", "train"} & set(path.parts):
         return None
     from models.config import read_yaml
+    if "train" in path.parts:  # a stage recipe: the release of the model YAML it trains
+        model = read_yaml(path).get("model")
+        reason = absent_release(Path(model)) if isinstance(model, str) and model.endswith((".yaml", ".yml")) else None
+        return reason and f"{path} trains {reason}"
     release = read_yaml(path).get("release")
     if release is None or Path(release).expanduser().is_dir():
         return None
@@ -126,7 +130,7 @@ def test_readme_command_runs(command, tmp_path_factory, capsys, monkeypatch):
         pytest.skip(reason)
     # The commands share one temporary `runs/` (a probe reads the run a train command wrote before it).
     runs = tmp_path_factory.getbasetemp() / "readme_runs"
-    argv = [re.sub(r"^(output_dir=)?runs/", lambda m: f"{m.group(1) or ''}{runs}/", a) for a in argv]
+    argv = [re.sub(r"^((?:[\w.]+=)?)runs/", lambda m: f"{m.group(1)}{runs}/", a) for a in argv]
     tool, args = argv[2].removeprefix("tools."), argv[3:]
     if tool == "train":
         config = load_config(TrainConfig, args[0], [a for a in args[1:] if "=" in a])

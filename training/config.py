@@ -1,6 +1,7 @@
 """The training config (`configs/train/*.yaml`): one dataclass tree, validated when loaded."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,10 +12,29 @@ from training.objectives import ObjectiveConfig
 
 
 @dataclass
+class LrGroup:
+    """Parameters whose full name matches `pattern` (shell-style, `fnmatch`: `linear_proj.*`, `vision.*`)
+    train at `lr` instead of `optim.lr`; the schedule scales it like every other group's."""
+
+    pattern: str
+    lr: float
+    name: str | None = None  # logged as `lr_<name>`; default: the pattern's letters (`linear_proj.*`: linear_proj)
+
+    def __post_init__(self) -> None:
+        if not self.pattern:
+            raise ValueError("pattern is empty; give a parameter-name pattern such as 'linear_proj.*'")
+        if self.lr <= 0:
+            raise ValueError(f"lr of pattern {self.pattern!r} must be > 0, got {self.lr}")
+        self.name = self.name or re.sub(r"[^0-9A-Za-z]+", "_", self.pattern).strip("_") or "group"
+
+
+@dataclass
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr` (paper: lr 2e-5, cosine)."""
 
     lr: float = 2e-5
+    # per-group learning rates, first matching pattern wins; the other parameters keep `lr` (training/param_groups.py)
+    lr_groups: list[LrGroup] = field(default_factory=list)
     min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -27,6 +47,9 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs two values, got {self.betas}")
+        names = [group.name for group in self.lr_groups]
+        if "default" in names or len(set(names)) != len(names):
+            raise ValueError(f"optim.lr_groups names must be distinct and not 'default' (the rest), got {names}")
 
 
 @dataclass
@@ -76,6 +99,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: str  # a configs/models/*.yaml file, or a checkpoint directory written by this trainer
+    # the previous stage's weights (its run, checkpoint or export directory), loaded into `model`'s architecture;
+    # not applied when the run resumes from its own checkpoint (training/init_from.py)
+    init_from: str | None = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)

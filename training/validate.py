@@ -2,8 +2,9 @@
 
 `validate_run(config, source)` checks, in order, the output directory (as a path: nothing is created),
 the device, the model (its YAML, the registry names, the files it names; then the model itself built on
-the `meta` device: shapes only, no memory, no weights), the tier plan against that model, the tokenizer,
-the data sources and the numbers. Every problem is a `RunRefused`: one line naming the file and the
+the `meta` device: shapes only, no memory, no weights), the tier plan, `freeze` and `optim.lr_groups`
+against that model, the tokenizer, `init_from` (the same architecture and tokenizer), the data sources
+and the numbers. Every problem is a `RunRefused`: one line naming the file and the
 key, which `tools/train.py` prints with exit code 2. The state of the output directory (resume,
 overwrite, the lock) is checked next by `training/run_dir.py`, also before anything is written.
 """
@@ -32,6 +33,8 @@ from models.parameters import count_parameters
 from models.routing import moe_routers
 from models.tiers import build_tier_plan
 from training.config import TrainConfig
+from training.init_from import InitFromError, check_init_from, meta_shapes
+from training.param_groups import unmatched_pattern_message
 
 
 class RunRefused(ConfigError):
@@ -47,6 +50,8 @@ class ModelSummary:
     active_params: int
     vocab_size: int  # rows of the input embedding
     parameter_names: list[str]
+    parameter_shapes: dict[str, tuple[int, ...]]  # every state-dict entry (the fingerprint `init_from` must match)
+    untrainable: list[str]  # parameters built with requires_grad=False (e.g. fixed position tables)
     num_experts: int = 0  # 0: no MoE layers
     top_k: int = 0
     moe_layers: int = 0
@@ -64,13 +69,16 @@ class RunPlan:
     tier_plan: list[str]  # "tier c: ranks ..." lines; empty for C = 1
     tokenizer: Path  # the file the run tokenizes with (for a text run without one: trained into output_dir)
     data: list[str]  # one line per data source
+    init_from: str | None = None  # the model directory the weights start from (or why it is not applied)
     pipe_commands: list[str] = field(default_factory=list)  # `pipe:` shard URLs: shell commands the run executes
 
     def describe(self) -> str:
         c, m = self.config, self.model
+        groups = ", ".join(f"{g.name} {g.lr:g} ({g.pattern})" for g in c.optim.lr_groups)
         moe = f", {m.moe_layers} MoE layers of {m.num_experts} experts, top-{m.top_k}" if m.num_experts else ""
         lines = [f"config: {self.source}",
                  f"model: {m.path} -> {m.class_name}: {m.total_params:,} parameters, {m.active_params:,} active{moe}",
+                 *([f"init_from: {self.init_from}"] if self.init_from else []),
                  f"objective: {c.objective.name}, C={c.objective.tiers.num_tiers}"
                  + (f" ({c.objective.tiers.plan}, layers {c.objective.tiers.layers}): " + "; ".join(self.tier_plan)
                     if self.tier_plan else ""),
@@ -80,6 +88,8 @@ class RunPlan:
                  + (f", seq_len {c.data.seq_len}" if c.data.kind == "text" else f", max_length {m.config.max_length}"),
                  f"steps: {c.steps} (lr {c.optim.lr:g}, warm-up {c.optim.warmup_steps}; checkpoint every "
                  f"{c.save_every or c.steps}, keep {c.keep_checkpoints})",
+                 *([f"lr groups (first match wins): {groups}; the rest {c.optim.lr:g}"] if groups else []),
+                 *([f"frozen: {', '.join(c.freeze)}"] if c.freeze else []),
                  f"device: {self.device}, precision {c.precision}, deterministic {c.deterministic}"]
         lines += [f"runs shell command: {command}" for command in self.pipe_commands]
         return "\n".join(lines)
@@ -105,9 +115,11 @@ def validate_run(config: TrainConfig, source: str = "<TrainConfig>") -> RunPlan:
     model = check_model(config, source)
     tier_plan = check_objective(config, model, source)
     tokenizer = check_tokenizer(config, model, source, output_dir)
+    init_from = check_init(config, model, tokenizer, source)
     data = check_data(config, source)
     return RunPlan(source=source, config=config, output_dir=output_dir, device=device, model=model,
-                   tier_plan=tier_plan, tokenizer=tokenizer, data=data, pipe_commands=pipe_commands(config))
+                   tier_plan=tier_plan, tokenizer=tokenizer, data=data, init_from=init_from,
+                   pipe_commands=pipe_commands(config))
 
 
 # ---- the output directory, as a path ------------------------------------------------------------------------
@@ -242,17 +254,25 @@ def _meta_summary(config_json: str, path: str) -> ModelSummary:
     return ModelSummary(path=path, config=model_config, class_name=type(model).__name__, total_params=counts.total,
                         active_params=counts.active, vocab_size=model.get_input_embeddings().num_embeddings,
                         parameter_names=[name for name, _ in model.named_parameters()],
+                        parameter_shapes=meta_shapes(model),
+                        untrainable=[name for name, param in model.named_parameters() if not param.requires_grad],
                         num_experts=gate.num_experts if gate else 0, top_k=gate.top_k if gate else 0,
                         moe_layers=len(routers))
 
 
 def check_objective(config: TrainConfig, model: ModelSummary, source: str) -> list[str]:
-    """The tier plan against the model's experts and MoE layers; the freeze prefixes against its parameters."""
+    """The tier plan against the model's experts and MoE layers; the freeze prefixes and the lr-group patterns
+    against its parameters."""
     for prefix in config.freeze:
         if not any(name.startswith(prefix) for name in model.parameter_names):
             roots = sorted({name.split(".")[0] for name in model.parameter_names})
             raise RunRefused(f"{source}: freeze: prefix {prefix!r} matches no parameter of {model.path}; "
                              f"top-level modules: {roots}")
+    frozen = set(model.untrainable)
+    trainable = [n for n in model.parameter_names if n not in frozen and not n.startswith(tuple(config.freeze))]
+    problem = unmatched_pattern_message(config.optim.lr_groups, trainable, model.parameter_names)
+    if problem:
+        raise RunRefused(f"{source}: {problem} (model {model.path})")
     tiers = config.objective.tiers
     if tiers.num_tiers == 1:
         return []
@@ -266,6 +286,14 @@ def check_objective(config: TrainConfig, model: ModelSummary, source: str) -> li
         raise RunRefused(f"{source}: objective.tiers: {err} (model {model.path}: {model.num_experts} experts, "
                          f"top-{model.top_k}, {model.moe_layers} MoE layers)") from None
     return plan.describe()
+
+
+def check_init(config: TrainConfig, model: ModelSummary, tokenizer: Path, source: str) -> str | None:
+    """`init_from`: a model directory of this run's architecture and tokenizer (training/init_from.py)."""
+    try:
+        return check_init_from(config, model.config, model.parameter_shapes, tokenizer, source)
+    except InitFromError as err:
+        raise RunRefused(str(err)) from None
 
 
 # ---- tokenizer and data ------------------------------------------------------------------------------------
