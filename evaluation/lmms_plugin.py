@@ -6,13 +6,18 @@ lmms-eval 0.7 finds third-party models through the `lmms_eval.models` entry-poin
 `lmms_eval.api.model.lmms` with `is_simple = True`: it receives the task's prompt text and `doc_to_visual`).
 
 - `generate_until`: greedy generation through the same processor and runner as tools/eval.py
-  (evaluation/runner.py `generate_batch`: left padding, KV cache); the visuals a task gives (PIL images, video
-  paths, `{"array", "sampling_rate"}` audio dicts, audio paths) become `<image>` / `<video>` / `<audio>`
-  markers in front of the prompt, in order; `until` strings cut the answer as lmms-eval's models do.
-- `loglikelihood`: the summed log-probability of the continuation tokens after the prompt (the assistant
-  prefix of the chat template), and whether greedy decoding would produce exactly them.
-`model_args`: `pretrained` (a run, checkpoint or export directory, or a model YAML), `device`, `batch_size`,
-`num_frames` (video frames; default the model's processor setting, the paper used 128), `max_new_tokens`.
+  (evaluation/runner.py `generate_batch`: left padding, KV cache), so both give the same answer to the same
+  question; the visuals a task gives (PIL images, video paths, `{"array", "sampling_rate"}` audio dicts, audio
+  paths) become `<image>` / `<video>` / `<audio>` markers in front of the prompt, in order; `until` strings cut
+  the answer as lmms-eval's models do. Sampling settings in `gen_kwargs` are ignored: decoding is greedy.
+- `loglikelihood`: the summed log-probability of the continuation's tokens as the assistant's answer (after the
+  chat template's assistant prefix), and whether greedy decoding would produce exactly them. The continuation's
+  leading whitespace (lmms-eval's `target_delimiter`) is dropped: in a chat template the assistant prefix is
+  the delimiter, and the model learned answers that start right after it.
+- `generate_until_multi_round`: refused (UnsupportedRequest) before any work.
+`model_args`: `pretrained` (a run, checkpoint or export directory, or a model YAML), `device` (default: cuda
+when present), `batch_size`, `num_frames` (video frames; default the model's processor setting, the paper used
+128), `max_new_tokens` (when a task's `gen_kwargs` gives none).
 """
 from __future__ import annotations
 
@@ -23,23 +28,28 @@ from typing import Any
 try:
     from lmms_eval.api.instance import Instance
     from lmms_eval.api.model import lmms
-except ImportError as err:  # one line, naming the extra
-    raise ImportError("the lmms-eval plugin needs lmms-eval: pip install -e '.[lmms]' && pip install --no-deps "
-                      "-c constraints.txt lmms-eval (see README, 'lmms-eval')") from None
+except ImportError:  # one line, naming the extra (`from None`: no chained traceback)
+    raise ImportError('the lmms-eval plugin needs lmms-eval: pip install -e ".[lmms]" && pip install --no-deps '
+                      '-c constraints.txt lmms-eval (see README, "lmms-eval")') from None
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from data.media import load_audio, to_mono_16k
 from data.processor import ProcessorError
-from evaluation.runner import generate_batch
+from evaluation.runner import MODEL_INPUTS_EXCLUDED, generate_batch
 from evaluation.video_media import VideoFrames
 from training.export import load_trained
+from training.losses import token_logprobs
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v")
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+MODEL_ARGS = ("pretrained", "device", "batch_size", "num_frames", "max_new_tokens")
+
+
+class UnsupportedRequest(RuntimeError):
+    """An lmms-eval request type our models do not serve; the message names the tasks and what to run instead."""
 
 
 def manifest():
@@ -53,13 +63,15 @@ def manifest():
 class OrdMoELMM(lmms):
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 1,
+    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  num_frames: int | None = None, max_new_tokens: int = 64, **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
-            raise TypeError(f"ordmoe: unknown model_args {', '.join(sorted(kwargs))} (known: pretrained, device, "
-                            f"batch_size, num_frames, max_new_tokens)")
-        self.device = torch.device(device)
+            raise TypeError(f"ordmoe: unknown model_args {', '.join(sorted(kwargs))} (known: {', '.join(MODEL_ARGS)})")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"ordmoe: batch_size must be a positive integer, got {batch_size!r} ('auto' is not "
+                             f"supported)")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.processor = load_trained(pretrained, self.device)
         if self.processor is None:
             raise ValueError(f"ordmoe: {pretrained} has no tokenizer, so it cannot be prompted")
@@ -105,9 +117,9 @@ class OrdMoELMM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers: list[str | None] = [None] * len(requests)
         for chunk in _chunks(list(enumerate(requests)), self.batch_size):
-            ready, kwargs = [], [dict(r.args[1] or {}) for _, r in chunk]
-            for (index, request), gen_kwargs in zip(chunk, kwargs):
-                context, _, doc_to_visual, doc_id, task, split = request.args
+            ready = []
+            for index, request in chunk:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
                 name = f"{task}/{split}/{doc_id}"
                 try:
                     example = self.processor(self.sample(context, self._visuals(doc_to_visual, doc_id, task, split),
@@ -116,7 +128,7 @@ class OrdMoELMM(lmms):
                     print(f"ordmoe: {err}")
                     answers[index] = ""
                     continue
-                ready.append((index, example, gen_kwargs))
+                ready.append((index, example, dict(gen_kwargs or {})))
             # requests of one batch share max_new_tokens: the largest asked (each answer is cut at `until`)
             limit = max((int(k.get("max_new_tokens", self.max_new_tokens)) for _, _, k in ready), default=0)
             if ready:
@@ -129,34 +141,39 @@ class OrdMoELMM(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         out = []
         for request in requests:
-            context, continuation, doc_to_visual, doc_id, task, split = request.args
-            if not isinstance(continuation, str):
-                continuation = continuation(self.task_dict[task][split][doc_id])
-            name = f"{task}/{split}/{doc_id}"
-            prompt = self.processor(self.sample(context, self._visuals(doc_to_visual, doc_id, task, split), name),
-                                    generation=True)
-            target = self.processor.tokenizer.encode(continuation, add_special_tokens=False).ids
-            out.append(self._continuation_logprob(prompt, target))
+            # (context, continuation, doc_to_visual, doc_id, task, split); acc_mutual_info's unconditional
+            # requests are (context, continuation) alone
+            context, continuation, *where = request.args
+            visuals, name = [], f"{request.task_name}/{request.doc_id}"
+            if where:
+                doc_to_visual, doc_id, task, split = where
+                if not isinstance(continuation, str):  # a task's doc_to_target
+                    continuation = continuation(self.task_dict[task][split][doc_id])
+                visuals, name = self._visuals(doc_to_visual, doc_id, task, split), f"{task}/{split}/{doc_id}"
+            out.append(self._continuation_logprob(self.sample(context, visuals, name), str(continuation).lstrip()))
         return out
 
-    def _continuation_logprob(self, prompt: dict[str, Any], target: list[int]) -> tuple[float, bool]:
+    def _continuation_logprob(self, sample: dict[str, Any], continuation: str) -> tuple[float, bool]:
+        target = self.processor.tokenizer.encode(continuation, add_special_tokens=False).ids
         if not target:
             return 0.0, True
+        prompt = self.processor(sample, generation=True)
         example = dict(prompt)
         extra = torch.tensor(target, dtype=torch.long)
         example["input_ids"] = torch.cat([prompt["input_ids"], extra])
         example["labels"] = torch.cat([torch.full_like(prompt["input_ids"], -100), extra])
         example["modality_ids"] = torch.cat([prompt["modality_ids"], torch.zeros_like(extra)])
-        batch = self.processor.collate([example])
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("labels", "ids")}
-        logits = self.model(**inputs).logits[0, len(prompt["input_ids"]) - 1:-1].float()
-        logprobs = F.log_softmax(logits, dim=-1)
-        wanted = extra.to(logprobs.device)
-        total = float(logprobs.gather(1, wanted[:, None]).sum())
-        return total, bool((logprobs.argmax(dim=-1) == wanted).all())
+        batch = {k: v.to(self.device) for k, v in self.processor.collate([example]).items() if k != "ids"}
+        logits = self.model(**{k: v for k, v in batch.items() if k not in MODEL_INPUTS_EXCLUDED}).logits
+        logprobs, mask = token_logprobs(logits, batch["labels"])  # the training objective's log-probabilities
+        greedy = logits[:, :-1].argmax(dim=-1) == batch["labels"][:, 1:]
+        return float(logprobs[mask].sum()), bool(greedy[mask].all())
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("ordmoe: multi-round generation is not supported; use generate_until tasks")
+        tasks = ", ".join(sorted({str(r.task_name) for r in requests})) or "?"
+        raise UnsupportedRequest(f"ordmoe: task(s) {tasks} need generate_until_multi_round (multi-round "
+                                 f"generation), which this plugin does not serve; run generate_until or "
+                                 f"loglikelihood tasks")
 
 
 def _cut(text: str, until: Any) -> str:
