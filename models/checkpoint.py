@@ -17,7 +17,9 @@ disagrees), so no weight is ever left at its random initialisation. Export then 
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,62 +49,79 @@ def _our_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
-def official_layout(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """official key -> (our key, official shape), in model order."""
-    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+@dataclass(frozen=True)
+class Placement:
+    """Where one official tensor lives in ours: the flat range [offset, offset + numel) of `target`, read as `shape`.
+
+    Every official tensor is one contiguous block of one of our tensors (an expert's gate rows, then its
+    up rows, inside the fused [E, 2I, H]), so a loader can copy any slice of it without building the
+    others (training/zero_init.py streams checkpoints into ZeRO-3 partitions this way)."""
+
+    target: str  # our state-dict key
+    offset: int  # first element in the flattened target
+    shape: tuple[int, ...]  # the official tensor's shape (a leading-rows prefix when the file holds more rows)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def official_placements(model: nn.Module) -> dict[str, Placement]:
+    """official key -> its Placement in our state dict, in model order."""
+    placements: dict[str, Placement] = {}
     for ours, tensor in _our_tensors(model).items():
         shape = tuple(tensor.shape)
         if m := _EXPERTS.match(ours):
             num_experts, rows, cols = shape
             for e in range(num_experts):
-                base = f"{m['block']}.experts.{e}"
+                base, start = f"{m['block']}.experts.{e}", e * rows * cols
                 if m["kind"] == "gate_up_proj":
-                    layout[f"{base}.gate_proj.weight"] = (ours, (rows // 2, cols))
-                    layout[f"{base}.up_proj.weight"] = (ours, (rows // 2, cols))
+                    half = (rows // 2, cols)
+                    placements[f"{base}.gate_proj.weight"] = Placement(ours, start, half)
+                    placements[f"{base}.up_proj.weight"] = Placement(ours, start + math.prod(half), half)
                 else:
-                    layout[f"{base}.down_proj.weight"] = (ours, (rows, cols))
+                    placements[f"{base}.down_proj.weight"] = Placement(ours, start, (rows, cols))
         elif m := _MODALITY_GATE.match(ours):
-            layout[f"{m['block']}.{m['modality']}_gate.weight"] = (ours, shape)
+            placements[f"{m['block']}.{m['modality']}_gate.weight"] = Placement(ours, 0, shape)
         else:
-            layout[ours] = (ours, shape)
-    return layout
+            placements[ours] = Placement(ours, 0, shape)
+    return placements
+
+
+def official_layout(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """official key -> (our key, official shape), in model order."""
+    return {key: (place.target, place.shape) for key, place in official_placements(model).items()}
 
 
 def to_official(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under the official key names (per-expert tensors), as contiguous copies."""
-    out: dict[str, torch.Tensor] = {}
     tensors = _our_tensors(model)
-    for key, (ours, _) in official_layout(model).items():
-        tensor = tensors[ours].detach()
-        if m := _OFFICIAL_EXPERT.match(key):
-            e, proj = int(m["e"]), m["proj"]
-            expert = tensor[e]
-            if proj != "down_proj":
-                half = expert.shape[0] // 2
-                expert = expert[:half] if proj == "gate_proj" else expert[half:]
-            tensor = expert
-        out[key] = tensor.contiguous().clone()
-    return out
+    return {key: tensors[place.target].detach().reshape(-1)[place.offset:place.offset + place.numel]
+            .view(place.shape).clone() for key, place in official_placements(model).items()}
+
+
+def place_tensors(model: nn.Module, placements: dict[str, Placement],
+                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> our state dict, each copied into its Placement (a tensor that is a whole one of
+    ours is taken as it is). `tensors` must already be validated against `placements`."""
+    ours = _our_tensors(model)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        place = placements[key]
+        shape = ours[place.target].shape
+        values = tensor.reshape(-1)[:place.numel]  # a leading-rows prefix when the file holds more rows
+        if place.numel == shape.numel():
+            state[place.target] = values.view(shape)
+            continue
+        if place.target not in state:
+            state[place.target] = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+        state[place.target].view(-1)[place.offset:place.offset + place.numel] = values
+    return state
 
 
 def from_official(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official-named tensors -> our state dict (fusing experts). `tensors` must already be validated."""
-    layout = official_layout(model)
-    ours = _our_tensors(model)
-    state: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for key, tensor in tensors.items():
-        our_key, _ = layout[key]
-        if m := _OFFICIAL_EXPERT.match(key):
-            experts.setdefault(f"{m['block']}.experts", {}).setdefault(int(m["e"]), {})[m["proj"]] = tensor
-        else:
-            state[our_key] = tensor
-    for prefix, per_expert in experts.items():
-        count = ours[f"{prefix}.gate_up_proj"].shape[0]
-        state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([per_expert[e]["gate_proj"], per_expert[e]["up_proj"]]) for e in range(count)])
-        state[f"{prefix}.down_proj"] = torch.stack([per_expert[e]["down_proj"] for e in range(count)])
-    return state
+    return place_tensors(model, official_placements(model), tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +239,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return data.get("llm_config", data)
 
 
-def _read_shapes(files: dict[str, Path], stored: dict[str, str] | None = None) -> dict[str, tuple[int, ...]]:
+def read_shapes(files: dict[str, Path], stored: dict[str, str] | None = None) -> dict[str, tuple[int, ...]]:
     """key -> shape from the safetensors headers; `stored` maps a key to its name in the file (prefixes)."""
     stored = stored or {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -263,7 +282,7 @@ def load_official(path: str | Path, model_class: type, *, prefix: str | None = N
     files = {k[len(prefix):]: f for k, f in checkpoint_files(path).items() if k.startswith(prefix)}
     files = {k: f for k, f in files.items() if not IGNORED_KEYS.match(k)}
     stored = {k: prefix + k for k in files}
-    shapes = _read_shapes(files, stored)
+    shapes = read_shapes(files, stored)
     validate(model, shapes, source=str(path) + (f" (keys under {prefix!r})" if prefix else ""))
     tensors = dict(read_tensors(files, stored))
     if dtype is not None:
@@ -351,4 +370,5 @@ def read_official_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["CheckpointError", "load_official", "save_official", "to_official", "from_official", "official_layout",
-           "validate", "read_config", "read_official_tensors", "checkpoint_files"]
+           "Placement", "official_placements", "place_tensors",
+           "validate", "read_config", "read_shapes", "read_official_tensors", "checkpoint_files"]

@@ -12,14 +12,18 @@ Every load is strict: missing, unexpected or mis-shaped keys raise CheckpointErr
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from encoders.checkpoint import load_strict, read_prefixed
-from models.checkpoint import CheckpointError, from_official, validate
+from encoders.checkpoint import SHOWN, read_prefixed
+from models.checkpoint import (CheckpointError, Placement, from_official, official_placements, place_tensors,
+                               validate)
 
+_POSITIONS = "embed_positions.weight"  # the Whisper encoder's sinusoid table
 # openai-whisper AudioEncoder names <-> transformers WhisperEncoder names ("{}" = block index)
 _WHISPER_NAMES = [
     ("positional_embedding", "embed_positions.weight"),
@@ -75,20 +79,16 @@ def load_llm(llm: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> N
     llm.load_state_dict(from_official(llm, tensors), strict=True)
 
 
-def load_ming_checkpoint(model: nn.Module, path: str | Path, components: dict[str, str] | None = None) -> None:
-    """A whole Ming-Lite-Omni checkpoint directory into an OmniModel built from its release (or a config).
-
-    `components` maps a checkpoint component (the first key part) to ours, "" for one deliberately not
-    loaded: Ming-Lite-Omni v1 keeps its Whisper encoder in `whisper_encoder.*` / `linear_proj_whisper.*`
-    next to a SANM encoder (`audio.*`, `linear_proj_audio.*`) that is not built here (models/release.py)."""
+def _components(keys: Iterable[str], model: nn.Module, path: str | Path,
+                components: dict[str, str] | None) -> dict[str, dict[str, str]]:
+    """Our component -> {key inside it: checkpoint key}; every component of the model and nothing else."""
     components = components or {}
-    tensors = read_prefixed(path, ("",))
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    groups: dict[str, dict[str, str]] = {}
+    for key in keys:
         head, _, rest = key.partition(".")
         head = components.get(head, head)
         if head:
-            groups.setdefault(head, {})[rest] = tensor
+            groups.setdefault(head, {})[rest] = key
     expected = {name for name, child in model.named_children() if child is not None}
     extra = sorted(set(groups) - expected)
     if extra:
@@ -97,15 +97,58 @@ def load_ming_checkpoint(model: nn.Module, path: str | Path, components: dict[st
     for name in sorted(expected):
         if name not in groups:
             raise CheckpointError(f"{path}: no `{name}.*` keys, but the model has a {name} component")
-        part = groups[name]
+    return groups
+
+
+def _check_shapes(module: nn.Module, found: dict[str, tuple[int, ...]], source: str) -> None:
+    """A component's checkpoint keys -> shapes against the module's state dict: missing, unexpected or
+    mis-shaped keys are listed (as encoders/checkpoint.py load_strict lists them for tensors)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    shapes = [f"{k}: checkpoint {found[k]} vs encoder {s}" for k, s in expected.items() if k in found and found[k] != s]
+    if missing or unexpected or shapes:
+        parts = [f"{source} does not fit {type(module).__name__}:"]
+        for label, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:SHOWN])}" + (" ..." if len(items) > SHOWN else ""))
+        raise CheckpointError("\n".join(parts))
+
+
+def ming_placements(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str | Path,
+                    components: dict[str, str] | None = None) -> dict[str, Placement]:
+    """Checkpoint key -> its Placement in the OmniModel's state dict, validated strictly from the shapes alone
+    (the safetensors headers), so it works on the meta device. Keys of components mapped to "" are left out."""
+    placements: dict[str, Placement] = {}
+    for name, part in sorted(_components(shapes, model, path, components).items()):
         if name == "model":
-            load_llm(model.model, part, f"{path} (LLM, keys under 'model.')")
+            validate(model.model, {rest: tuple(shapes[key]) for rest, key in part.items()},
+                     source=f"{path} (LLM, keys under 'model.')")
+            official = official_placements(model.model)
+            placements.update({key: replace(official[rest], target=f"model.{official[rest].target}")
+                               for rest, key in part.items()})
             continue
-        if name == "audio":
-            part = {openai_whisper_to_transformers(k): v for k, v in part.items()}
-            table = model.audio.embed_positions.weight
-            if "embed_positions.weight" in part and part["embed_positions.weight"].shape[0] > table.shape[0]:
-                # Ming's table covers 300 s (15000 positions); sinusoid rows do not depend on the table
-                # length, so the first rows are exactly the 30-s table this encoder uses per chunk.
-                part["embed_positions.weight"] = part["embed_positions.weight"][: table.shape[0]]
-        load_strict(getattr(model, name), part, f"{path} ({name}.*)")
+        module = getattr(model, name)
+        rename = openai_whisper_to_transformers if name == "audio" else (lambda k: k)
+        found = {rename(rest): tuple(shapes[key]) for rest, key in part.items()}
+        table = module.state_dict().get(_POSITIONS) if name == "audio" else None
+        if table is not None and _POSITIONS in found and found[_POSITIONS][0] > table.shape[0]:
+            # Ming's table covers 300 s (15000 positions); sinusoid rows do not depend on the table
+            # length, so the first rows are exactly the 30-s table this encoder uses per chunk.
+            found[_POSITIONS] = (table.shape[0], *found[_POSITIONS][1:])
+        _check_shapes(module, found, f"{path} ({name}.*)")
+        placements.update({key: Placement(f"{name}.{rename(rest)}", 0, found[rename(rest)])
+                           for rest, key in part.items()})
+    return placements
+
+
+def load_ming_checkpoint(model: nn.Module, path: str | Path, components: dict[str, str] | None = None) -> None:
+    """A whole Ming-Lite-Omni checkpoint directory into an OmniModel built from its release (or a config).
+
+    `components` maps a checkpoint component (the first key part) to ours, "" for one deliberately not
+    loaded: Ming-Lite-Omni v1 keeps its Whisper encoder in `whisper_encoder.*` / `linear_proj_whisper.*`
+    next to a SANM encoder (`audio.*`, `linear_proj_audio.*`) that is not built here (models/release.py)."""
+    tensors = read_prefixed(path, ("",))
+    placements = ming_placements(model, {k: tuple(v.shape) for k, v in tensors.items()}, path, components)
+    state = place_tensors(model, placements, {k: v for k, v in tensors.items() if k in placements})
+    model.load_state_dict(state, strict=True)
