@@ -82,7 +82,7 @@ def data_wait(model, objective, shards, device, steps: int, num_workers: int) ->
     config = from_dict(TrainConfig, {"model": str(TINY_OMNI),
                                      "data": {"kind": "shards", "shards": str(shards),
                                               "batch_size": 4, "num_workers": num_workers}}, source="benchmark")
-    stream = iter(train_stream(config, model))
+    stream = iter(train_stream(config, model, journal=False))
     waiting = total = 0.0
     for step in range(steps + 1):
         start = time.perf_counter()

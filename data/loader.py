@@ -8,16 +8,28 @@ consumed: `StreamLoader` therefore records, per stream, the position that came *
 it handed out, and the stream that comes next. DataLoader hands out batches round-robin over its
 workers, so on resume worker `w` takes stream `(w + next_stream) % num_streams` and the order
 continues exactly.
+
+A worker that stops answering (a hung decoder, a stopped process) fails the run after `timeout_s` with a
+`DataTimeoutError` that names the sample it was on; every worker is killed first, so none is left behind.
+Every sample goes through `process_sample`: any exception skips it, counted by reason, and its stream's
+`SampleJournal` (data/crash_journal.py) records it as in flight meanwhile, so a crash can be blamed on it.
 """
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import signal
+import threading
 import time
+import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.crash_journal import CRASHED, SKIP_LIST, SampleJournal
 
 
 class ResumableStream(Protocol):
@@ -25,6 +37,7 @@ class ResumableStream(Protocol):
 
     kind: str
     num_streams: int  # set by StreamLoader: one stream per worker
+    journal: SampleJournal | None  # the in-flight record of each stream, and the samples that crashed the run
 
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
         """`(batch, position after it)` pairs of stream `stream`, from `position` (None: the start)."""
@@ -83,6 +96,75 @@ def describe_error(err: BaseException, key: str) -> str:
     return detail if key in detail else f"sample {key}: {type(err).__name__}: {detail}"
 
 
+def process_sample(work: Callable[[], Any], shard: str, key: str, skips: SkipTally,
+                   journal: SampleJournal | None, where: str = "") -> Any | None:
+    """`work()` (decode and process sample `key` of `shard`), or None when the sample is skipped: any
+    exception, counted by its reason with a message naming the sample (prefixed by `where`), and without
+    trying a sample of the run's crash list. Meanwhile `journal` holds the sample as in flight."""
+    prefix = f"{where}: " if where else ""
+    if journal is not None:
+        if (shard, key) in journal.crashed:
+            skips.add(CRASHED, f"{prefix}sample {key}: crashed the run (in flight when its process died, two "
+                               f"attempts in a row; listed in {SKIP_LIST})")
+            return None
+        journal.begin(shard, key)
+    try:
+        return work()
+    except Exception as err:  # noqa: BLE001 -- decoders and user data raise anything; the reason is tallied
+        skips.add(skip_reason(err), prefix + describe_error(err, key))
+        return None
+    finally:
+        if journal is not None:
+            journal.end()
+
+
+class DataTimeoutError(RuntimeError):
+    """No batch came from a DataLoader worker within `data.timeout_s`; the run can resume."""
+
+
+class _Watchdog:
+    """A thread that calls `on_timeout` once when `since` (the start of a wait, None: not waiting) is more
+    than `seconds` ago. `firing` is set first (`on_timeout` makes the waiting thread fail); `outcome()` waits
+    for what `on_timeout` returned."""
+
+    def __init__(self, seconds: float, on_timeout: Callable[[], str]) -> None:
+        self.seconds, self.on_timeout = seconds, on_timeout
+        self.since: float | None = None
+        self.firing = False
+        self._result = ""
+        self._closed, self._fired = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="data-timeout", daemon=True)
+        self._thread.start()
+        _LIVE_WATCHDOGS.add(self)
+
+    def _watch(self) -> None:
+        while not self._closed.wait(min(1.0, self.seconds / 4)):
+            since = self.since
+            if since is not None and time.monotonic() - since > self.seconds:
+                self.firing = True
+                try:
+                    self._result = self.on_timeout()
+                finally:
+                    self._fired.set()
+                return
+
+    def outcome(self) -> str:
+        self._fired.wait(30)
+        return self._result
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+# A daemon thread still running when the interpreter finalises is torn down by pthread_exit, which aborts
+# the process through torch's C++ frames ("terminate called without an active exception", exit code 134):
+# the watchdogs of streams nobody closed stop before that.
+_LIVE_WATCHDOGS: weakref.WeakSet[_Watchdog] = weakref.WeakSet()
+atexit.register(lambda: [watchdog.close() for watchdog in list(_LIVE_WATCHDOGS)])
+
+
 class _WorkerStreams(IterableDataset):
     """The IterableDataset DataLoader runs: each worker takes its stream and tags batches with positions."""
 
@@ -121,25 +203,62 @@ class StreamLoader:
         self.stream.num_streams = self.num_streams
         self.stream.validate()
         workers = _WorkerStreams(self.stream, self.next_stream, dict(self.positions))
+        # no DataLoader timeout: its wait on the queue is not the only place a stopped worker can hold this
+        # process (receiving a batch's tensors asks the sending worker for them); the watchdog covers all of it
         loader = DataLoader(workers, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            pin_memory=self.pin_memory, persistent_workers=False, timeout=self.timeout_s,
+                            pin_memory=self.pin_memory, persistent_workers=False,
                             multiprocessing_context=self.start_method if self.num_workers else None)
         batches = iter(loader)
-        while True:
-            try:
-                stream, batch, position = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                if "timed out" not in str(err):
-                    raise
-                raise RuntimeError(f"no batch from data stream {self.next_stream} in {self.timeout_s:g} s: a sample "
-                                   f"may have hung its decoder; the run can resume from its last checkpoint "
-                                   f"(raise data.timeout_s if batches are just slow)") from err
-            self.positions[stream] = position
-            self.next_stream = (stream + 1) % self.num_streams
-            yield batch
+        watchdog = _Watchdog(self.timeout_s, lambda: self._kill_late_worker(batches, workers.start_stream)) \
+            if self.timeout_s else None
+        try:
+            while True:
+                if watchdog is not None:
+                    watchdog.since = time.monotonic()
+                try:
+                    stream, batch, position = next(batches)
+                except StopIteration:
+                    return
+                except Exception as err:  # noqa: BLE001 -- whatever the killed worker left the receiving end with
+                    if watchdog is None or not watchdog.firing:
+                        raise
+                    raise self._stop_workers(batches, watchdog.outcome()) from err
+                if watchdog is not None:
+                    watchdog.since = None
+                self.positions[stream] = position
+                self.next_stream = (stream + 1) % self.num_streams
+                yield batch
+        finally:
+            if watchdog is not None:
+                watchdog.close()
+
+    def _kill_late_worker(self, batches: Any, start_stream: int) -> str:
+        """(Watchdog thread) Keep the sample the late worker is on, SIGKILL it (a stopped or hung process
+        ignores anything else), and say which it was: the training process then gets an error at once."""
+        stream = self.next_stream  # workers take turns, so the late one is the one whose stream comes next
+        worker = (stream - start_stream) % self.num_streams
+        journal = self.stream.journal
+        sample = journal.keep_stuck(stream) if journal is not None else None
+        process = batches._workers[worker]  # torch's own worker list: nothing public has the pids
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)
+        on = f" on sample {sample['key']} of {sample['shard']}" if sample else ""
+        return f"DataLoader worker {worker} (data stream {stream}) stopped answering{on}"
+
+    def _stop_workers(self, batches: Any, late: str) -> DataTimeoutError:
+        """After a timeout: stop the other workers too (SIGKILL for any that does not stop, which would hang
+        this process's exit), and say what happened."""
+        processes = list(batches._workers)
+        batches._shutdown_workers()  # unregisters them from torch's SIGCHLD check, stops the healthy ones
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+            process.join(timeout=10)
+        return DataTimeoutError(
+            f"no batch in data.timeout_s={self.timeout_s:g} s: {late} (a hung decoder, a stopped process) and "
+            f"was killed, with the other workers. The run is resumable from its last checkpoint; a sample that "
+            f"stops a worker at two attempts in a row is skipped. Raise data.timeout_s if batches are just slow")
 
     @property
     def epoch(self) -> float:

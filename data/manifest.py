@@ -3,8 +3,9 @@
 One sample per line: `{"id"?, "conversation": [{"role", "content"}] | "caption": str, "image" | "images",
 "audio" | "audios", "video" | "videos"}` with media paths relative to the manifest. Samples are decoded
 and processed on the fly; a sample that cannot be (corrupt media, a marker without its media, too long)
-is skipped and counted by reason, never fatal (whatever the exception); media sizes are checked from
-their headers first (data/media.py `MediaLimits`). A line that is not a sample record (not JSON, not an
+is skipped and counted by reason, never fatal (whatever the exception), and one that crashed the process
+twice in a row is skipped (data/crash_journal.py); media sizes are checked from their headers first
+(data/media.py `MediaLimits`). A line that is not a sample record (not JSON, not an
 object, no conversation or caption, media fields that are not paths) is refused by `read_manifest`,
 naming the line. The stream position is (epoch, samples consumed), so a restart continues with the next
 unseen sample of the same seeded order (data/loader.py runs it in DataLoader workers).
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 
 from data.batching import make_batcher
-from data.loader import SkipTally, describe_error, skip_reason
+from data.crash_journal import SampleJournal
+from data.loader import SkipTally, process_sample
 from data.media import MediaLimits, decode_media, media_limits
 
 MEDIA_FIELDS = {"image": "images", "audio": "audios", "video": "videos"}
@@ -83,7 +85,8 @@ class ManifestStream:
     Each epoch has one seeded order; of its `world_size * num_streams` interleaved slices, rank `r`'s
     worker `w` reads slice `r * num_streams + w`, cut to the length of the shortest slice so every rank
     yields the same number of batches. The position is (epoch, samples consumed, batches yielded).
-    `drop_last=False` (evaluation) also yields each epoch's last, partial batch.
+    `drop_last=False` (evaluation) also yields each epoch's last, partial batch. `source` (the manifest's
+    path) and a sample's id name it in the crash journal.
     """
 
     kind = "manifest"
@@ -91,9 +94,11 @@ class ManifestStream:
     def __init__(self, samples: list[dict[str, Any]], process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  drop_last: bool = True, pack_length: int | None = None, pad_id: int = 0,
-                 limits: MediaLimits | None = None) -> None:
+                 limits: MediaLimits | None = None, journal: SampleJournal | None = None,
+                 source: str = "manifest") -> None:
         self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
         self.limits = limits if limits is not None else media_limits(process)
+        self.journal, self.source = journal, source
         if not samples:
             raise ValueError("the manifest has no samples")
         self.samples, self.process, self.collate, self.batch_size = samples, process, collate, batch_size
@@ -124,6 +129,8 @@ class ManifestStream:
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
         pos = {key: (position or {}).get(key, 0) for key in ("epoch", "index")}
         skips = SkipTally(position)
+        if self.journal is not None:
+            self.journal.open(stream)
 
         def snapshot() -> dict[str, Any]:  # the position after a batch; the epoch's last batch points at the next
             if pos["index"] == len(indices) or (budget is not None and yielded_this_epoch == budget):
@@ -139,10 +146,9 @@ class ManifestStream:
                 sample = self.samples[indices[pos["index"]]]
                 before = {**pos, **skips.state()}
                 pos["index"] += 1
-                try:
-                    example = self.process(decode_media(sample, self.limits, sample["id"]))
-                except Exception as err:  # noqa: BLE001 -- any failure of one sample skips it, by reason
-                    skips.add(skip_reason(err), describe_error(err, sample["id"]))
+                example = process_sample(lambda: self.process(decode_media(sample, self.limits, sample["id"])),
+                                         self.source, sample["id"], skips, self.journal)
+                if example is None:
                     continue
                 if not batcher.fits(example):  # packing: this example opens the next batch
                     yielded_this_epoch += 1
@@ -159,10 +165,11 @@ class ManifestStream:
                                  f"({skips})")
             pos.update(epoch=pos["epoch"] + 1, index=0)
 
-    def one_epoch(self) -> Iterator[Any]:
-        """The first epoch's batches in this process, in order (evaluation)."""
+    def one_epoch(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """The first epoch's `(batch, position after it)` pairs in this process, in order (evaluation; the
+        position's skip tally counts the samples skipped so far)."""
         self.num_streams = 1
         for batch, position in self.stream_batches(0, None):
-            yield batch
+            yield batch, position
             if position["epoch"] > 0:
                 return

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.batching import make_batcher
+from data.crash_journal import SampleJournal
 from data.loader import SkipTally
 from data.pipeline import MediaLimits, ShardReader, list_shards, media_limits, process_group, read_sizes
 
@@ -39,9 +40,11 @@ class MixtureStream:
 
     def __init__(self, sources: list[MixtureSource], process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 pack_length: int | None = None, pad_id: int = 0, limits: MediaLimits | None = None) -> None:
+                 pack_length: int | None = None, pad_id: int = 0, limits: MediaLimits | None = None,
+                 journal: SampleJournal | None = None) -> None:
         self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
         self.limits = limits if limits is not None else media_limits(process)
+        self.journal = journal
         if not sources:
             raise ValueError("a mixture needs at least one dataset")
         names = [s.name for s in sources]
@@ -78,6 +81,8 @@ class MixtureStream:
             version, state, gauss = position["rng"]
             rng.setstate((version, tuple(state), gauss))
         drawn, skips = Counter((position or {}).get("drawn", {})), SkipTally(position)
+        if self.journal is not None:
+            self.journal.open(stream)
         # dataset name -> [open shard, its shuffle seed, samples emitted from it]
         open_shards = {name: list(entry) for name, entry in (position or {}).get("open", {}).items()}
         shard_readers: dict[str, ShardReader] = {}
@@ -121,7 +126,7 @@ class MixtureStream:
             name = rng.choices(self.sources, weights)[0].name
             group = next_group(name)
             drawn[name] += 1
-            example = process_group(group, self.process, self.limits, skips)
+            example = process_group(group, self.process, self.limits, skips, self.journal)
             if example is None:
                 continue
             if not batcher.fits(example):

@@ -17,7 +17,9 @@ replaying the same shuffle.
 
 Bad data never ends a run. Any exception while turning one sample into model inputs (decoding, JSON of
 the wrong shape, the processor) skips that sample, counted by reason, with a message naming the shard and
-the key. Media sizes are checked from their headers first (`MediaLimits`). Tars are read with `tarfile`
+the key. Media sizes are checked from their headers first (`MediaLimits`). A sample that crashed the process
+(no exception to catch: a segfault, the OOM killer) is named by the stream's in-flight journal and skipped
+after two such crashes in a row (data/crash_journal.py). Tars are read with `tarfile`
 (webdataset's `gopen` for URLs) rather than webdataset's own iterator so that damage is located: a corrupt
 header mid-shard is skipped over (the members after it are kept; the samples next to it are skipped), a
 truncated tar, a gzip CRC or inflate error in a `.tar.gz`, and duplicate keys are reported with the shard and
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import tarfile
 import tempfile
 import zlib
@@ -41,7 +42,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from data.batching import make_batcher
-from data.loader import SkipTally, describe_error, skip_reason
+from data.crash_journal import SampleJournal
+from data.loader import SkipTally, process_sample
 from data.manifest import CAPTION_PROMPTS
 from data.media import MediaLimits, decode_media, media_limits
 
@@ -124,15 +126,13 @@ def to_sample(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def process_group(group: dict[str, Any], process: Callable[[dict], Any], limits: MediaLimits,
-                  skips: SkipTally) -> Any | None:
+                  skips: SkipTally, journal: SampleJournal | None = None) -> Any | None:
     """The model inputs of one shard sample, or None when it is skipped (counted in `skips`). Any exception
-    skips the sample, whatever its type: a sample must never end a run."""
-    shard = shard_name(str(group.get("__url__", "")))
-    try:
-        return process(decode_media(to_sample(group), limits, f"{shard}/{group['__key__']}"))
-    except Exception as err:  # noqa: BLE001 -- decoders and user data raise anything; the reason is tallied
-        skips.add(skip_reason(err), f"{shard}: {describe_error(err, str(group['__key__']))}")
-        return None
+    skips the sample, whatever its type: a sample must never end a run; nor, after two crashes, a process."""
+    url, key = str(group.get("__url__", "")), str(group["__key__"])
+    shard = shard_name(url)
+    return process_sample(lambda: process(decode_media(to_sample(group), limits, f"{shard}/{key}")), url, key,
+                          skips, journal, where=shard)
 
 
 def count_samples(shard: Path) -> int:
@@ -402,9 +402,11 @@ class ShardStream:
 
     def __init__(self, source: str | Path, process: Callable[[dict], Any], collate: Callable[[list], Any],
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 pack_length: int | None = None, pad_id: int = 0, limits: MediaLimits | None = None) -> None:
+                 pack_length: int | None = None, pad_id: int = 0, limits: MediaLimits | None = None,
+                 journal: SampleJournal | None = None) -> None:
         self.num_streams = 1  # StreamLoader sets one stream per DataLoader worker
         self.limits = limits if limits is not None else media_limits(process)
+        self.journal = journal
         self.source = str(source)
         self.shards = list_shards(source)
         if len(self.shards) < world_size:
@@ -463,6 +465,8 @@ class ShardStream:
     def stream_batches(self, stream: int, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
         pos = {key: (position or {}).get(key, 0) for key in ("epoch", "shard_index", "emitted", "yielded")}
         skips = SkipTally(position)
+        if self.journal is not None:
+            self.journal.open(stream)
 
         def snapshot(**changes: Any) -> dict[str, Any]:
             return {**pos, **skips.state(), **changes}
@@ -488,7 +492,7 @@ class ShardStream:
                 for group in reader.groups(pos["emitted"]):
                     before = snapshot()
                     pos["emitted"] += 1
-                    example = process_group(group, self.process, self.limits, skips)
+                    example = process_group(group, self.process, self.limits, skips, self.journal)
                     if example is None:
                         continue
                     if not batcher.fits(example):  # packing: close the batch; this example starts the next

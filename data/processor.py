@@ -42,7 +42,16 @@ ROLES = ("system", "user", "assistant")
 
 
 class ProcessorError(ValueError):
-    """A sample cannot become model inputs; the message names the sample and the reason."""
+    """A sample cannot become model inputs; the message names the sample, `reason` is its skip-tally key
+    (`bad_conversation`, `no_answer`, `placeholder_mismatch`, `reserved_tokens`, `no_encoder`, `too_long`,
+    `prompt_too_long`, or a media item's own reason such as `undecodable_image`)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # an exception with extra init args must say how to pickle it (DataLoader workers)
+        return type(self), (str(self), self.reason)
 
 
 @dataclass
@@ -141,14 +150,14 @@ class OmniProcessor:
         name = str(sample.get("id", "<unnamed sample>"))
         conversation = sample.get("conversation")
         if not isinstance(conversation, list) or not conversation:
-            raise ProcessorError(f"sample {name}: `conversation` must be a non-empty list of turns")
+            raise ProcessorError(f"sample {name}: `conversation` must be a non-empty list of turns", "bad_conversation")
         for index, turn in enumerate(conversation):
             if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
                 raise ProcessorError(f"sample {name}: turn {index} must be {{'role': one of {list(ROLES)}, "
-                                     f"'content': str}}, got {turn!r:.120}")
+                                     f"'content': str}}, got {turn!r:.120}", "bad_conversation")
         if not generation and not any(turn["role"] == "assistant" for turn in conversation):
             raise ProcessorError(f"sample {name}: no assistant turn, so nothing to learn (for inference, call "
-                                 f"with generation=True)")
+                                 f"with generation=True)", "no_answer")
         media = {kind: list(sample.get(key) or []) for kind, key in MEDIA_KEYS.items()}
         self._check_marker_counts(name, conversation, media)
 
@@ -178,7 +187,8 @@ class OmniProcessor:
             markers = sum(turn["content"].count(f"<{kind}>") for turn in conversation)
             if markers != len(media[kind]):
                 raise ProcessorError(f"sample {name}: the conversation has {markers} <{kind}> marker(s) but the "
-                                     f"sample carries {len(media[kind])} {kind}(s) in `{key}`")
+                                     f"sample carries {len(media[kind])} {kind}(s) in `{key}`",
+                                     "placeholder_mismatch")
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
@@ -203,7 +213,8 @@ class OmniProcessor:
                 if self.reserved_ids.intersection(piece):  # a stray <imagePatch> would break the feature scatter
                     raise ProcessorError(f"sample {name}: the {role} text contains placeholder tokens "
                                          f"({', '.join(t for span in MEDIA_TOKENS.values() for t in span)} are "
-                                         f"reserved; write <image>, <video>, <audio> markers only)")
+                                         f"reserved; write <image>, <video>, <audio> markers only)",
+                                         "reserved_tokens")
                 ids.extend(piece)
                 labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
                 modality.extend([0] * len(piece))
@@ -216,8 +227,9 @@ class OmniProcessor:
                     add_span(span_kind, item_inputs, count)
             except ProcessorError:
                 raise
-            except (MediaError, TypeError, ValueError) as err:
-                raise ProcessorError(f"sample {name}: {kind} {index}: {err}") from None
+            except (MediaError, TypeError, ValueError) as err:  # the media's own reason, when it has one
+                raise ProcessorError(f"sample {name}: {kind} {index}: {err}",
+                                     getattr(err, "reason", "unusable_media")) from None
         closer = self.template.end_of_answer if supervised else self.template.end_of_turn
         if closer:
             closing = self._encode(closer)
@@ -231,7 +243,8 @@ class OmniProcessor:
         `video_audio`, its video span and then its audio span."""
         encoder = {"image": self.image, "video": self.video, "audio": self.audio}[kind]
         if encoder is None:
-            raise ProcessorError(f"sample {name} has {kind} input but the processor has no {kind} encoder")
+            raise ProcessorError(f"sample {name} has {kind} input but the processor has no {kind} encoder",
+                                 "no_encoder")
         label = f"{name}/{kind}{index}"
         if callable(getattr(item, "load", None)) and not isinstance(item, Image.Image):  # a lazy reference (e.g.
             # evaluation/video_media.py): decode now. PIL images have a load() too: they are decoded already
@@ -254,7 +267,8 @@ class OmniProcessor:
         spans = [("video", inputs, inputs.num_tokens[0])]
         if self.video_audio and clip.audio is not None:
             if self.audio is None:
-                raise ProcessorError(f"sample {name}: video_audio is on but the processor has no audio encoder")
+                raise ProcessorError(f"sample {name}: video_audio is on but the processor has no audio encoder",
+                                     "no_encoder")
             spans.append(("audio", *self._audio(clip.audio)))
         return spans
 
@@ -269,13 +283,14 @@ class OmniProcessor:
             return turns
         if generation:
             raise ProcessorError(f"sample {name}: the prompt has {total} tokens, more than max_length="
-                                 f"{self.max_length}; a prompt is not truncated (shorten it or raise max_length)")
+                                 f"{self.max_length}; a prompt is not truncated (shorten it or raise max_length)",
+                                 "prompt_too_long")
         kept = list(turns)
         while kept and (sum(len(turn.ids) for turn in kept) > self.max_length or kept[-1].role != "assistant"):
             kept.pop()
         if not kept:
             raise ProcessorError(f"sample {name}: {total} tokens, longer than max_length={self.max_length}, and no "
-                                 f"leading run of whole turns ending with an assistant turn fits")
+                                 f"leading run of whole turns ending with an assistant turn fits", "too_long")
         return kept
 
     @staticmethod

@@ -1,7 +1,8 @@
 """Per-tier log-likelihood of a trained model: `python -m tools.probe_tiers RUN_DIR [options]`.
 
 RUN_DIR is a training output directory (its latest checkpoint is used) or a checkpoint directory;
-the held-out split of the run's own data is probed. Writes tier_probe.{md,json,png} and prints the table.
+the held-out split of the run's own data is probed. Writes tier_probe.{md,json,png} and prints the table;
+held-out samples that could not be used are counted by reason (stderr and the report's `held_out`).
 A run of C = 1 (the baseline) is probed with 3 tiers unless `--tiers` says otherwise. Bad arguments, a
 directory without a valid checkpoint or a tier plan the model cannot hold are one `error:` line, exit code 2.
 """
@@ -99,10 +100,15 @@ def probe(args: argparse.Namespace) -> int:
                               f"{len(routers)} MoE layers)") from None
     load_model_weights(checkpoint, model)
     model.to(device)
-    batches = held_out_batches(config, model, args.max_batches, args.batch_size)
+    batches, skips = held_out_batches(config, model, args.max_batches, args.batch_size)
+    if skips.counts:
+        print(f"held-out data: {skips}", file=sys.stderr)
     scores = probe_tiers(model, batches, tiers, args.scopes, device)
     out = Path(args.out) if args.out else run_dir / "tier_probe"
-    paths = save_report(scores, out, meta={"checkpoint": str(checkpoint), "tiers": tiers.__dict__})
+    held_out = {"batches": len(batches), "samples": sum(len(b["input_ids"]) for b in batches),
+                "skipped": dict(skips.counts), "last_skip": skips.last}
+    paths = save_report(scores, out, meta={"checkpoint": str(checkpoint), "tiers": tiers.__dict__,
+                                           "held_out": held_out})
     print(format_table(scores))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0

@@ -1,11 +1,15 @@
 """Batches for a training run, whatever the data: a text corpus, a JSONL manifest, or WebDataset shards.
 
 Every stream yields collated batches forever (epoch after epoch) and has `state_dict` / `load_state_dict`
-(its position, saved in checkpoints) and `epoch`; multimodal streams also count skipped samples.
+(its position, saved in checkpoints) and `epoch`; multimodal streams also count skipped samples, and keep
+an in-flight journal under output_dir so that a sample that crashed the run is named and, after two
+crashes in a row, skipped (data/crash_journal.py).
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -13,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.crash_journal import SampleJournal, recover_crashed_samples
 from data.manifest import ManifestStream, read_manifest
-from data.loader import StreamLoader
+from data.loader import SkipTally, StreamLoader
 from data.media import MediaLimits, media_limits
 from data.mixture import MixtureStream
 from data.pipeline import ShardStream
@@ -23,6 +28,7 @@ from data.text import ChunkBatches, TextChunks
 from data.tokenizer import CORPUS, train_tokenizer
 from models.build import load_model_config
 from training.config import TrainConfig
+from training.run_log import METRICS, last_attempt
 
 
 def processor_for(model: nn.Module, config: TrainConfig) -> OmniProcessor:
@@ -61,8 +67,9 @@ def text_chunks(config: TrainConfig, model: nn.Module) -> TextChunks:
     return chunks
 
 
-def train_stream(config: TrainConfig, model: nn.Module) -> Any:
-    """The training batch stream `config.data` describes."""
+def train_stream(config: TrainConfig, model: nn.Module, journal: bool = True) -> Any:
+    """The training batch stream `config.data` describes. `journal`: keep the crash journal in output_dir
+    (the main rank first turns what the last attempt left there into events; see `crash_journal`)."""
     data = config.data
     rank, world = distributed_rank()
     if data.kind == "text":
@@ -71,15 +78,35 @@ def train_stream(config: TrainConfig, model: nn.Module) -> Any:
     processor = processor_for(model, config)
     common = dict(process=processor, collate=processor.collate, batch_size=data.batch_size, seed=config.seed,
                   rank=rank, world_size=world, pack_length=processor.max_length if data.pack else None,
-                  pad_id=processor.pad_id, limits=stream_limits(config, processor))
+                  pad_id=processor.pad_id, limits=stream_limits(config, processor),
+                  journal=crash_journal(config, rank) if journal else None)
     if data.kind == "manifest":
-        stream = ManifestStream(read_manifest(data.manifest), **common)
+        stream = ManifestStream(read_manifest(data.manifest), source=str(data.manifest), **common)
     elif data.mixture:
         stream = MixtureStream(data.mixture, shuffle_buffer=data.shuffle_buffer, **common)
     else:
         stream = ShardStream(data.shards, shuffle_buffer=data.shuffle_buffer, **common)
     return StreamLoader(stream, num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
                         pin_memory=torch.cuda.is_available(), timeout_s=data.timeout_s)
+
+
+def crash_journal(config: TrainConfig, rank: int) -> SampleJournal:
+    """This rank's crash journal. The main rank runs first (the other ranks wait at the engine's barrier):
+    it reads what the last attempt left in flight, logs a `crash_suspect` (retried once) or `crashed_sample`
+    (skipped from now on) event per sample into metrics.jsonl, at the step the run continues from, and
+    says so on stderr."""
+    output_dir = Path(config.output_dir)
+    if rank == 0:
+        events = recover_crashed_samples(output_dir)
+        step = (last_attempt(output_dir / METRICS) or {}).get("step", 0) if events else 0
+        for event in events:
+            with (output_dir / METRICS).open("a") as log:
+                log.write(json.dumps({"step": step, **event}) + "\n")
+            then = ("skipped from now on (crashed_samples.json)" if event["event"] == "crashed_sample"
+                    else "retried once; skipped if it is in flight at the next crash too")
+            print(f"data: sample {event['key']} of {event['shard']} was in flight when the last attempt "
+                  f"stopped ({event['how']}; {event['crashes']} attempt(s) in a row): {then}", file=sys.stderr)
+    return SampleJournal(output_dir, rank)
 
 
 def stream_limits(config: TrainConfig, processor: OmniProcessor) -> MediaLimits:
@@ -95,17 +122,20 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def held_out_batches(config: TrainConfig, model: nn.Module, max_batches: int, batch_size: int) -> list[dict]:
-    """Held-out batches in a fixed order: the text split, or `data.eval_manifest`."""
+def held_out_batches(config: TrainConfig, model: nn.Module, max_batches: int,
+                     batch_size: int) -> tuple[list[dict], SkipTally]:
+    """Held-out batches in a fixed order (the text split, or `data.eval_manifest`), and the samples skipped
+    while building them, by reason."""
     data = config.data
     if data.kind == "text":
         chunks = text_chunks(config, model).eval
         stream = ChunkBatches(chunks, min(batch_size, len(chunks)), shuffle=False)
-        return list(islice(stream, min(max_batches, stream.batches_per_epoch)))
+        return list(islice(stream, min(max_batches, stream.batches_per_epoch))), SkipTally()
     if data.eval_manifest is None:
         raise ValueError("data.eval_manifest is not set: nothing held out to probe")
     processor = processor_for(model, config)
     samples = read_manifest(data.eval_manifest)
     stream = ManifestStream(samples, processor, processor.collate, min(batch_size, len(samples)), shuffle=False,
                             drop_last=False, limits=stream_limits(config, processor))
-    return list(islice(stream.one_epoch(), max_batches))
+    pairs = list(islice(stream.one_epoch(), max_batches))
+    return [batch for batch, _ in pairs], SkipTally(pairs[-1][1] if pairs else None)

@@ -96,7 +96,8 @@ def format_table(scores: list[TierScore]) -> str:
 
 
 def save_report(scores: list[TierScore], out_dir: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write `tier_probe.md`, `tier_probe.json` and `tier_probe.png` (grouped bars) into `out_dir`."""
+    """Write `tier_probe.md`, `tier_probe.json` and `tier_probe.png` (grouped bars) into `out_dir`. `meta` goes
+    into the JSON; its `held_out` skip tally (`skipped` by reason, `last_skip`) also into the table's notes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,7 +105,10 @@ def save_report(scores: list[TierScore], out_dir: str | Path, meta: dict[str, An
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "tier_probe.md", "json": out / "tier_probe.json", "png": out / "tier_probe.png"}
-    paths["md"].write_text(format_table(scores) + "\n")
+    held_out = (meta or {}).get("held_out", {})
+    skipped = f"\nheld-out samples skipped: {held_out['skipped']}; latest: {held_out['last_skip']}\n" \
+        if held_out.get("skipped") else ""
+    paths["md"].write_text(format_table(scores) + "\n" + skipped)
     paths["json"].write_text(json.dumps({"meta": meta or {}, "scores": [s.__dict__ for s in scores]}, indent=2))
 
     scopes = list(dict.fromkeys(s.scope for s in scores))

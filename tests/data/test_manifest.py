@@ -6,7 +6,7 @@ from itertools import islice
 import pytest
 import torch
 
-from data.loader import StreamLoader
+from data.loader import DataTimeoutError, StreamLoader
 from data.manifest import ManifestError, ManifestStream, read_manifest
 from data.processor import ProcessorError
 
@@ -17,7 +17,8 @@ def samples(count):
 
 def process(sample):
     if sample["id"].startswith("bad"):
-        raise ProcessorError(f"sample {sample['id']}: the conversation has 1 <image> marker(s) but 0 image(s)")
+        raise ProcessorError(f"sample {sample['id']}: the conversation has 1 <image> marker(s) but 0 image(s)",
+                             "placeholder_mismatch")
     return sample["id"]
 
 
@@ -55,12 +56,12 @@ def test_bad_samples_are_skipped_counted_and_named():
     items = samples(4) + [{"id": "bad-marker"}]
     batches = loader(items, batch_size=1, shuffle=False)
     assert [b[0] for b in islice(batches, 5)] == ["m00", "m01", "m02", "m03", "m00"]
-    assert batches.skipped == {"ProcessorError": 1} and "bad-marker" in batches.last_skip
+    assert batches.skipped == {"placeholder_mismatch": 1} and "bad-marker" in batches.last_skip
 
 
 def test_one_epoch_keeps_the_partial_last_batch():
     stream = ManifestStream(samples(5), process, list, 2, shuffle=False, drop_last=False)
-    assert list(stream.one_epoch()) == [["m00", "m01"], ["m02", "m03"], ["m04"]]
+    assert [batch for batch, _ in stream.one_epoch()] == [["m00", "m01"], ["m02", "m03"], ["m04"]]
 
 
 def test_packed_manifest_resumes_exactly():
@@ -88,6 +89,6 @@ def hangs_on_m03(sample):
 def test_a_hung_worker_fails_with_an_actionable_error():
     stream = ManifestStream(samples(8), hangs_on_m03, list, 1, shuffle=False)
     batches = StreamLoader(stream, num_workers=1, timeout_s=1)
-    with pytest.raises(RuntimeError, match="no batch from data stream 0 in 1 s.*data.timeout_s"):
+    with pytest.raises(DataTimeoutError, match=r"data.timeout_s=1 s: DataLoader worker 0 \(data stream 0\).*resumable"):
         list(islice(batches, 8))
     assert batches.positions[0]["index"] == 3  # the last good batch, from which a resume would start

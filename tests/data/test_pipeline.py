@@ -167,7 +167,7 @@ def test_every_kind_of_bad_sample_is_skipped_with_the_real_processor(tmp_path, p
     batches = StreamLoader(stream)
     ids = [batch["ids"][0] for batch in islice(batches, 4)]  # the epoch's 3 good samples, then epoch 2 begins
     assert sorted(ids[:3]) == ["good0", "good1", "good2"]
-    assert batches.skipped == {"undecodable_image": 1, "no_text": 1, "ProcessorError": 2}  # orphan, toolong
+    assert batches.skipped == {"undecodable_image": 1, "no_text": 1, "placeholder_mismatch": 1, "too_long": 1}
 
 
 def tokens_of(sample):

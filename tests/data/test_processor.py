@@ -159,21 +159,36 @@ def test_truncation_drops_whole_turns_with_their_media(encoders, assets):
         make_processor(encoders, max_length=first_exchange)(sample, generation=True)
 
 
-def test_bad_samples_name_the_sample_and_the_problem(processor, tmp_path):
+def test_bad_samples_name_the_sample_and_the_problem_and_carry_a_reason(processor, tmp_path):
+    """Each refusal names the sample and carries the reason the skip tally groups it by."""
     (tmp_path / "empty.png").write_bytes(b"")
-    with pytest.raises(ProcessorError, match=r"sample e: image 0: .*empty\.png: empty file"):
-        processor({"id": "e", "conversation": [{"role": "user", "content": "<image>"},
-                                               {"role": "assistant", "content": "?"}],
-                   "images": [tmp_path / "empty.png"]})
-    with pytest.raises(ProcessorError, match=r"sample r: turn 0 must be .*'bot'"):
-        processor({"id": "r", "conversation": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]})
-    with pytest.raises(ProcessorError, match="sample p: the user text contains placeholder tokens"):
-        processor({"id": "p", "conversation": [{"role": "user", "content": "a <imagePatch> b"},
-                                               {"role": "assistant", "content": "?"}]})
     text_only = OmniProcessor(TINY_TOKENIZER)
-    with pytest.raises(ProcessorError, match="sample a has audio input but the processor has no audio encoder"):
-        text_only({"id": "a", "conversation": [{"role": "user", "content": "<audio>"},
-                                               {"role": "assistant", "content": "?"}], "audios": [b"x"]})
+
+    def turns(user: str, answer: str | None = "?") -> list[dict]:
+        return [{"role": "user", "content": user}] + ([{"role": "assistant", "content": answer}] if answer else [])
+
+    cases = [  # (processor, sample, message, reason)
+        (processor, {"id": "e", "conversation": turns("<image>"), "images": [tmp_path / "empty.png"]},
+         r"sample e: image 0: .*empty\.png: empty file", "empty_file"),
+        (processor, {"id": "i", "conversation": turns("<image>"), "images": [7]},
+         r"sample i: image 0: expected a decoded image", "unusable_media"),
+        (processor, {"id": "r", "conversation": [{"role": "bot", "content": "x"}, *turns("y")[1:]]},
+         r"sample r: turn 0 must be .*'bot'", "bad_conversation"),
+        (processor, {"id": "s", "conversation": "hi"}, "sample s: `conversation` must be", "bad_conversation"),
+        (processor, {"id": "q", "conversation": turns("Why?", None)}, "sample q: no assistant turn", "no_answer"),
+        (processor, {"id": "m", "conversation": turns("<image><image>"), "images": [tmp_path / "empty.png"]},
+         r"sample m: the conversation has 2 <image> marker\(s\)", "placeholder_mismatch"),
+        (processor, {"id": "p", "conversation": turns("a <imagePatch> b")},
+         "sample p: the user text contains placeholder tokens", "reserved_tokens"),
+        (text_only, {"id": "a", "conversation": turns("<audio>"), "audios": [b"x"]},
+         "sample a has audio input but the processor has no audio encoder", "no_encoder"),
+        (processor, {"id": "l", "conversation": turns("Say it.", "word " * 5000)},
+         "sample l: .* longer than max_length", "too_long"),
+    ]
+    for process, sample, message, reason in cases:
+        with pytest.raises(ProcessorError, match=message) as raised:
+            process(sample)
+        assert raised.value.reason == reason, (sample["id"], raised.value.reason)
 
 
 def test_ling2_template_closes_every_turn(encoders):

@@ -11,7 +11,6 @@ import sys
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -242,12 +241,12 @@ CASES = [
     Case("caption_is_a_number", one(lambda: {"json": b'{"caption": 7}', "img0.png": blue_png()}), "bad_json"),
     Case("no_conversation_or_caption", one(lambda: {"json": b'{"url": "x"}', "img0.png": blue_png()}), "no_text"),
     Case("caption_txt_not_utf8", one(lambda: {"txt": b"\xff\xfe\xfa", "img0.png": blue_png()}), "bad_text_encoding"),
-    Case("conversation_is_a_string", one(lambda: {"json": b'{"conversation": "hi"}'}), "ProcessorError"),
-    Case("turn_without_content", one(lambda: {"json": b'{"conversation": [{"role": "user"}]}'}), "ProcessorError"),
-    Case("marker_without_media", one(lambda: {"json": conversation("<image>\nWhat colour?")}), "ProcessorError"),
+    Case("conversation_is_a_string", one(lambda: {"json": b'{"conversation": "hi"}'}), "bad_conversation"),
+    Case("turn_without_content", one(lambda: {"json": b'{"conversation": [{"role": "user"}]}'}), "bad_conversation"),
+    Case("marker_without_media", one(lambda: {"json": conversation("<image>\nWhat colour?")}), "placeholder_mismatch"),
     Case("listed_member_missing", one(lambda: {"json": conversation("<image>\nWhat?", images=["img3.png"]),
                                                "img0.png": blue_png()}), "missing_member"),
-    Case("answer_too_long", one(lambda: {"json": conversation("Say it.", "word " * 2000)}), "ProcessorError"),
+    Case("answer_too_long", one(lambda: {"json": conversation("Say it.", "word " * 2000)}), "too_long"),
     # tar damage
     Case("corrupt_header_mid_shard", one(lambda: image_sample(blue_png())), "tar_damage", damage=corrupt_header),
     Case("truncated_tar", one(lambda: image_sample(blue_png())), "tar_truncated", damage=truncate_in_bad,
@@ -378,3 +377,25 @@ def test_training_on_crafted_bad_shards_finishes_and_logs_the_tally(tmp_path):
     by_reason = skipped[-1]["by_reason"]
     assert {"audio_non_finite", "image_too_large", "bad_json", "undecodable_image"} <= set(by_reason)
     assert "skipped" in result.stderr + result.stdout
+
+
+# ---- held-out batches (the tier probe's data) keep their tally ----------------------------------------------------
+def test_held_out_batches_count_their_skips_by_reason(tmp_path, tiny_omni):
+    from models.config import from_dict
+    from training.config import TrainConfig
+    from training.data import held_out_batches
+
+    (tmp_path / "good.png").write_bytes(blue_png())
+    (tmp_path / "cut.png").write_bytes(blue_png()[:60])
+    lines = [{"id": "g0", "image": "good.png", "caption": "Blue."},
+             {"id": "cut", "image": "cut.png", "caption": "Blue."},
+             {"id": "long", "caption": "word " * 2000},
+             {"id": "g1", "image": "good.png", "caption": "Blue."}]
+    manifest = tmp_path / "eval.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = from_dict(TrainConfig, {"model": str(ROOT / "configs/models/tiny-omni.yaml"), "output_dir": str(tmp_path),
+                                     "data": {"kind": "manifest", "manifest": str(manifest),
+                                              "eval_manifest": str(manifest)}}, source="test")
+    batches, skips = held_out_batches(config, tiny_omni[0], max_batches=4, batch_size=2)
+    assert [i for batch in batches for i in batch["ids"]] == ["g0", "g1"]
+    assert dict(skips.counts) == {"undecodable_image": 1, "too_long": 1} and "long" in skips.last

@@ -19,7 +19,7 @@ def read_first_epoch(rank: int, world_size: int, shards: str, out: str) -> None:
     config = from_dict(TrainConfig, {"model": "configs/models/tiny-omni.yaml",
                                      "data": {"kind": "shards", "shards": shards, "batch_size": 1}}, source="test")
     model = build_model(config.model)
-    batches = train_stream(config, model)
+    batches = train_stream(config, model, journal=False)
     ids = [i for batch in islice(batches, batches.stream.batches_per_epoch(0)) for i in batch["ids"]]
     with open(f"{out}.{rank}", "w") as file:
         json.dump({"rank": batches.stream.rank, "world_size": batches.stream.world_size, "ids": ids}, file)
