@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-all bench clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,12 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) -m tools.demo
 
+# the default suite (CI): everything but the `slow` matrices; end-to-end runs of each CLI stay in it
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 -m "not slow" --durations=15
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow"
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15
 
 BENCHMARKS := $(filter-out benchmarks/common.py,$(wildcard benchmarks/*.py))
 

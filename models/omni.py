@@ -13,15 +13,27 @@ their router.
 With an LLM configured for 3-D RoPE (`rope_scaling: {type: 3D}`, Ming-Lite-Omni v1.5) the model computes
 the t/h/w position ids of every token itself (models/rope.py), in `embed_inputs` for training and in
 `generate`, where each new token continues from the prompt's maximum + 1.
+
+`run_idle_encoders` (default False): an encoder runs only when the batch holds its modality, so two
+processes with different batches run different graphs. Data-parallel engines that shard or reduce per
+module (DeepSpeed ZeRO-3 gathers each module's weights when it runs; ZeRO-2 reduces gradients in
+buckets) need every process to run the same modules in the same order. With the switch on, an encoder
+the batch does not use runs on a minimal dummy input (what its own preprocessor makes of a blank image,
+two blank video frames, 0.1 s of silence) and `0 * features.sum()` joins the embeddings: the same graph
+on every process, a zero gradient, the same outputs. The model knows nothing of training; the engine
+(training/engine.py) turns it on when it runs more than one process.
 """
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -63,6 +75,8 @@ class OmniModel(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: OmniConfig) -> None:
         super().__init__(config)
+        self.run_idle_encoders = False  # see the module docstring: the same graph on every process
+        self._idle_inputs: dict[str, torch.Tensor] | None = None
         backbone = config.backbone
         self.model = build_backbone(backbone["name"], backbone.get("config", {}), source="OmniConfig.backbone")
         hidden = self.model.config.hidden_size
@@ -97,7 +111,18 @@ class OmniModel(PreTrainedModel, GenerationMixin):
         """
         input_ids = batch["input_ids"]
         embeds = self.get_input_embeddings()(input_ids)
-        for kind, features in self._media_features(batch).items():
+        if self.run_idle_encoders:  # every encoder, in one order: the batch's inputs, else the idle ones
+            used = set(_media_kinds(batch))
+            features_by_kind = {}
+            given = {k: v for k, v in batch.items() if v is not None}
+            for kind, features in self._media_features({**self.idle_inputs(), **given}).items():
+                if kind in used:
+                    features_by_kind[kind] = features
+                else:  # the same graph on every process, a zero gradient, the same embeddings
+                    embeds = embeds + 0 * features.sum().to(embeds.dtype)
+        else:
+            features_by_kind = self._media_features(batch)
+        for kind, features in features_by_kind.items():
             if kind not in self.config.placeholder_ids:
                 raise ValueError(f"no placeholder token id for {kind}: build the model with a `tokenizer` in its config")
             mask = self.patch_mask(input_ids, kind)
@@ -152,6 +177,25 @@ class OmniModel(PreTrainedModel, GenerationMixin):
                                                                       input_ids.device)
         return torch.cat([sequence.unsqueeze(0).to(rope.device), rope])
 
+    def idle_inputs(self) -> dict[str, Any]:
+        """Batch entries of a minimal input for every encoder (cached on CPU): what its own preprocessor makes
+        of a blank 56 x 56 image, two blank video frames and 0.1 s of silence."""
+        if self._idle_inputs is None:
+            inputs: dict[str, Any] = {}
+            if self.vision is not None:
+                image = self.vision.preprocessor().images([Image.new("RGB", (56, 56))])
+                video = self.video.preprocess(np.zeros((2, 56, 56, 3), dtype=np.uint8))
+                inputs.update(pixel_values=image.pixel_values, image_grid_thw=image.grid_thw,
+                              pixel_values_videos=video.pixel_values, video_grid_thw=video.grid_thw)
+            if self.audio is not None:
+                audio = self.audio.preprocessor()([np.zeros(1600, dtype=np.float32)])
+                inputs.update(audio_features=audio.features, audio_chunk_frames=audio.chunk_frames,
+                              audio_chunks_per_clip=torch.tensor(audio.chunks_per_clip),
+                              audio_frames_per_clip=torch.tensor(audio.frames_per_clip))
+            self._idle_inputs = inputs
+        device = self.get_input_embeddings().weight.device
+        return {k: v.to(device) for k, v in self._idle_inputs.items()}
+
     def _media_features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
         for kind, pixels, encode in (("image", "pixel_values", self.vision), ("video", "pixel_values_videos", self.video)):
@@ -165,8 +209,7 @@ class OmniModel(PreTrainedModel, GenerationMixin):
                 raise ValueError("the batch has audio inputs but this model has no audio encoder")
             inputs = AudioInputs(batch["audio_features"], batch["audio_chunk_frames"],
                                  batch["audio_chunks_per_clip"].tolist(), batch["audio_frames_per_clip"].tolist())
-            # one clip at a time: the conv projector must not run across clip boundaries
-            features = torch.cat([self.linear_proj_audio.project(clip) for clip in self.audio(inputs)])
+            features = _project_clips(self.linear_proj_audio, self.audio(inputs))
             out["audio"] = _normalized(features, self.config.audio_projector)
         return out
 
@@ -254,6 +297,24 @@ class OmniModel(PreTrainedModel, GenerationMixin):
 def _projector(section: dict[str, Any], in_dim: int, out_dim: int) -> Projector:
     options = {k: v for k, v in section.items() if k not in ("name", "normalize")}
     return build_projector(section["name"], in_dim, out_dim, **options)
+
+
+def _media_kinds(batch: dict[str, Any]) -> list[str]:
+    """The modalities whose encoder inputs `batch` holds."""
+    keys = (("image", "pixel_values"), ("video", "pixel_values_videos"), ("audio", "audio_features"))
+    return [kind for kind, key in keys if batch.get(key) is not None]
+
+
+def _project_clips(projector: Projector, clips: list[torch.Tensor]) -> torch.Tensor:
+    """Every clip's `projector.project(clip)`, concatenated, in ONE call of the projector: ZeRO-3 gathers a
+    module's weights each time it runs, so the number of calls must not depend on the batch. A clip never
+    reads another's frames: a convolution reads zeros past a clip's end either way (its own padding, or the
+    zeros the shorter clips are padded with), and only the outputs of the clip's own frames are kept."""
+    if not projector.channels_first:
+        return projector(torch.cat(clips))
+    padded = pad_sequence(clips, batch_first=True).transpose(1, 2)  # [clips, dim, longest]
+    out = projector(padded).transpose(1, 2)  # [clips, tokens, dim]
+    return torch.cat([rows[:projector.num_tokens(len(clip))] for rows, clip in zip(out, clips)])
 
 
 def _normalized(features: torch.Tensor, section: dict[str, Any]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import json
 import sys
 
 import models  # noqa: F401  (registers the backbones)
+from data.loader import DataTimeoutError
 from models.config import ConfigError, load_config
 from training.config import TrainConfig
 from training.loop import train
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # RunRefused too: the run was refused before it wrote anything
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line (YAML errors span several)
         return 2
+    except DataTimeoutError as err:  # a worker stopped answering: the run is resumable from its last checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps({"output_dir": config.output_dir, **{k: round(v, 5) if isinstance(v, float) else v
                                                           for k, v in metrics.items()}}, indent=1))
     return 0
@@ -50,6 +54,7 @@ def describe_state(state) -> str:
     if state.mode == "resume":
         return f"resume from {state.checkpoint.name} (verified when the run starts)"
     return {"new": "a new run", "restart": "restart of a run that has no checkpoint yet",
+            "follower": "rank > 0 of a launch (rank 0 owns the directory)",
             "overwrite": "overwrite: the old run is moved aside first"}[state.mode]
 
 

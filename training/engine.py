@@ -31,6 +31,7 @@ from torch import nn
 
 from training.checkpoint import load_model_weights, write_weights
 from training.config import TrainConfig
+from training.param_groups import group_lrs, parameter_groups
 from training.schedule import cosine_with_warmup
 
 ENGINE_STATE = "engine.pt"  # PlainEngine: optimizer + schedule (tensors and plain values, weights_only load)
@@ -51,6 +52,10 @@ class Engine(Protocol):
 
     @property
     def lr(self) -> float: ...
+
+    @property
+    def group_lrs(self) -> dict[str, float]:
+        """`lr_<name>` of every parameter group (`optim.lr_groups`), as scheduled now."""
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch on this engine's device, floating tensors in its compute dtype."""
@@ -99,21 +104,10 @@ def launch_world() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norms and 1-D buffers-as-parameters (common LLM practice)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    return [group for group in ({"params": decay, "weight_decay": weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
-
-
 def _trainable_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("every parameter is frozen: check `freeze` in the training config")
-    return parameter_groups(model, config.optim.weight_decay)
+    return parameter_groups(model, config.optim)
 
 
 def _wants_bf16(config: TrainConfig, device: torch.device) -> bool:
@@ -158,6 +152,10 @@ class PlainEngine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    @property
+    def group_lrs(self) -> dict[str, float]:
+        return group_lrs(self.optimizer.param_groups)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         return _move(batch, self.device)
@@ -293,10 +291,16 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.device, self.rank, self.world_size = device, rank, world_size
+        if world_size > 1 and hasattr(model, "run_idle_encoders"):
+            # ZeRO gathers (stage 3) and reduces (stage 2 buckets) per module: every rank must run every
+            # encoder, whatever its batch holds (models/omni.py; zero gradient, same outputs)
+            model.run_idle_encoders = True
         bf16 = _wants_bf16(config, device)
         self.ds_config = deepspeed_config(config.deepspeed, config, world_size, bf16)
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self.dtype = torch.bfloat16 if bf16 else torch.float32
+        if self.stage == 3:
+            _gather_encoder_tables(model)
         optim = config.optim
         groups = _trainable_groups(model, config)
         client_optimizer = None
@@ -317,6 +321,10 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    @property
+    def group_lrs(self) -> dict[str, float]:
+        return group_lrs(self.optimizer.param_groups)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         return _move(batch, self.device, self.dtype)
@@ -430,6 +438,24 @@ class DeepSpeedEngine:
         return state if self.is_main else None
 
 
+ENCODERS = ("vision", "audio")  # the omni model's encoder towers (models/omni.py)
+
+
+def _gather_encoder_tables(model: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters when that module's forward runs. Encoders read positional tables
+    by slicing the embedding's `.weight` instead of calling it (Whisper: `embed_positions.weight[:frames]`),
+    which would read an empty partition: each embedding table of an encoder is gathered for the encoder's
+    whole forward (and backward) instead."""
+    import deepspeed
+
+    for name in ENCODERS:
+        encoder = getattr(model, name, None)
+        if isinstance(encoder, nn.Module):
+            for module in encoder.modules():
+                if isinstance(module, nn.Embedding):
+                    deepspeed.zero.register_external_parameter(encoder, module.weight)
+
+
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers under their state-dict names."""
     names = set(model.state_dict().keys())
@@ -440,19 +466,29 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buffer
 
 
-def build_engine(model: nn.Module, config: TrainConfig) -> Engine:
-    """The engine `config.engine` names, on the device this process owns (LOCAL_RANK under a launcher)."""
-    rank, local_rank, world_size = launch_world()
+def prepare_launch(config: TrainConfig) -> tuple[torch.device, dict[str, Any] | None]:
+    """This process's device and, under DeepSpeed, its process group and the filled DeepSpeed JSON: what
+    `training/zero_init.py` needs before the model exists (zero.Init partitions while building)."""
+    _, local_rank, world_size = launch_world()
     device = resolve_device(config.device)
     if config.engine == "plain":
         if world_size > 1:
             raise ValueError(f"engine: plain runs one process, but the launcher started {world_size} "
                              f"(WORLD_SIZE): set engine: deepspeed and deepspeed: configs/deepspeed/zero2.json")
-        return PlainEngine(model, config, device)
+        return device, None
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     init_process_group(device)
+    return device, deepspeed_config(config.deepspeed, config, world_size, _wants_bf16(config, device))
+
+
+def build_engine(model: nn.Module, config: TrainConfig) -> Engine:
+    """The engine `config.engine` names, on the device this process owns (LOCAL_RANK under a launcher)."""
+    device, _ = prepare_launch(config)  # a second call only reads the environment again
+    if config.engine == "plain":
+        return PlainEngine(model, config, device)
+    rank, _, world_size = launch_world()
     return DeepSpeedEngine(model, config, device, rank, world_size)
 
 

@@ -62,7 +62,9 @@ def is_resuming(config: TrainConfig) -> bool:
 
 def meta_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every state-dict entry's shape: the part of a model's fingerprint that a strict load needs."""
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    # a ZeRO-3 parameter (built under zero.Init) is an empty placeholder; ds_shape is its real shape
+    return {name: tuple(getattr(tensor, "ds_shape", tensor.shape)) for name, tensor in
+            model.state_dict(keep_vars=True).items()}
 
 
 def check_init_from(config: TrainConfig, model_config: ModelConfig, shapes: Mapping[str, Sequence[int]],
@@ -138,11 +140,29 @@ def load_init_weights(model: nn.Module, init_from: str | Path) -> Path:
     if wrong:  # safetensors' own load would fail halfway through, with torch's size-mismatch message
         raise InitFromError(f"{weights}: {shape_mismatch(expected, {k: found[k] for k in wrong})} (init_from = "
                             f"{str(init_from)!r}; this run's model is built from `model:`)")
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3: each rank fills its own partitions
+        _stream_into_partitions(model, weights, found, str(init_from))
+        return weights
     missing, unexpected = load_model(model, str(weights), strict=False)  # tied weights are stored once
     if missing or unexpected:
         raise InitFromError(f"{weights} does not match this run's model (init_from = {str(init_from)!r}): missing "
                             f"keys {sorted(missing)[:3]}, unexpected keys {sorted(unexpected)[:3]}")
     return weights
+
+
+def _stream_into_partitions(model: nn.Module, weights: Path, found: Mapping[str, tuple[int, ...]], init_from: str) -> None:
+    """Every tensor of `weights` into this rank's slice of the same-named tensor (training/zero_init.py), with
+    the strict checks of the plain path: a key of ours absent from the file must be a tied copy of one in it."""
+    from models.checkpoint import Placement
+    from training.zero_init import TensorRead, stream_checkpoints
+    state = model.state_dict(keep_vars=True)
+    unexpected = sorted(set(found) - set(state))
+    stored = {id(state[key]) for key in found if key in state}
+    missing = sorted(key for key in state if key not in found and id(state[key]) not in stored)
+    if missing or unexpected:
+        raise InitFromError(f"{weights} does not match this run's model (init_from = {init_from!r}): missing "
+                            f"keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+    stream_checkpoints(model, [TensorRead(weights, key, Placement(key, 0, shape)) for key, shape in found.items()])
 
 
 def apply_init_from(model: nn.Module, config: TrainConfig) -> Path | None:

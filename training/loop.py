@@ -17,17 +17,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.build import build_model
 from training.checkpoint import (TRAINER_STATE, check_world_size, latest_checkpoint, load_rng_state,
                                  remove_stale_writes, save_checkpoint, save_rng_state, seed_everything,
                                  write_trainer_state)
 from training.config import TrainConfig
 from training.data import train_stream
-from training.engine import Engine, build_engine
+from training.engine import Engine, build_engine, prepare_launch
 from training.export import write_model_files
+from training.init_from import apply_init_from
 from training.objectives import build_objective
 from training.run_log import RunLog, plot_training_curves
 from training.run_dir import start_run
+from training.zero_init import build_for_engine
 
 SUMMED_METRICS = ("supervised_tokens", "skipped_samples")  # totals over ranks; everything else is averaged
 
@@ -46,7 +47,7 @@ def freeze_parameters(model: nn.Module, prefixes: list[str]) -> int:
             raise ValueError(f"freeze prefix {prefix!r} matches no parameter; top-level modules: {roots}")
         for param in matched:
             param.requires_grad_(False)
-            frozen += param.numel()
+            frozen += getattr(param, "ds_numel", param.numel())  # ZeRO-3: the full size
     return frozen
 
 
@@ -73,11 +74,16 @@ def out_of_memory_message(config: TrainConfig, error: BaseException) -> str:
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the training job `config` describes; returns the final metrics."""
-    start_run(config)  # validate the whole run, then claim output_dir: lock, resume/overwrite rules, run.json, event
+    # validate the whole run, then (rank 0 only) claim output_dir: lock, resume/overwrite rules, run.json, the
+    # start event. The other ranks touch output_dir only after the engine's process group (its rendezvous
+    # waits for rank 0) and the barrier below, so they never see a directory rank 0 is still claiming.
+    start_run(config)
     if config.deterministic:
         make_deterministic()
     seed_everything(config.seed)
-    model = build_model(config.model)
+    _, ds_config = prepare_launch(config)  # the process group first: under ZeRO-3 zero.Init partitions while building
+    model = build_for_engine(config.model, ds_config)
+    apply_init_from(model, config)  # the previous stage's weights; skipped on resume (the checkpoint holds all)
     frozen = freeze_parameters(model, config.freeze)
     objective = build_objective(config.objective, model)
     if config.gradient_checkpointing:
@@ -107,11 +113,10 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         load_rng_state(checkpoint, engine.rank)
 
     log = RunLog(output_dir) if engine.is_main else None
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if checkpoint is None and log is not None:
-        log.log(0, {"event": "start", "trainable_params": trainable, "frozen_params": frozen,
-                    "world_size": engine.world_size, "engine": config.engine,
-                    "tier_plan": objective.routing.plan.describe() if objective.routing else []})
+    # the attempt's `start` / `resume` row is start_run's; the first step row of the attempt adds the sizes
+    # (ZeRO-3 partitions parameters: `ds_numel` is the full size)
+    sizes = {"trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
+             "frozen_params": frozen}
     stream = iter(batches)
     model.train()
     progress = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True,
@@ -131,7 +136,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
                     fetch = time.perf_counter()
                     batch = engine.prepare_batch(next(stream))
                     waited += time.perf_counter() - fetch
-                    sample_keys += list(batch.get("keys", []))
+                    sample_keys += [str(i) for i in batch.get("ids", []) if i is not None]
                     with engine.autocast():
                         result = objective(model, batch, backward=engine, step=step + 1)
                     for key, value in {"loss": result.loss, **result.parts}.items():
@@ -146,6 +151,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         metrics = {k: sums[k] / counts[k] for k in sums}
         metrics["supervised_tokens"] = sums["supervised_tokens"]
         metrics.update(lr=engine.lr, step_seconds=elapsed, data_wait=waited / elapsed, epoch=batches.epoch)
+        if config.optim.lr_groups:
+            metrics.update(engine.group_lrs)
         if hasattr(batches, "mixture_shares"):  # the mixture as drawn so far, to compare with its weights
             metrics.update({f"share_{name}": share for name, share in batches.mixture_shares().items()})
         if hasattr(batches, "skipped"):  # bad samples are skipped, counted and shown, never fatal
@@ -183,7 +190,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             reported_skips = metrics["skipped_samples"]
         progress.update(1)
         if log is not None and (step == 1 or step % config.log_every == 0 or step == config.steps):
-            log.log(step, metrics)
+            log.log(step, {**metrics, **sizes})
+            sizes = {}
             progress.set_postfix({k: f"{metrics[k]:.3f}" if isinstance(metrics[k], float) else metrics[k]
                                   for k in ("loss", "ntp", "erl", "tier_order_agreement", "data_wait",
                                             "skipped_samples", "nonfinite_steps")

@@ -66,7 +66,8 @@ def parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in trainable:
         index = group_of(name, optim.lr_groups)
-        decays = param.ndim >= 2 and "norm" not in name
+        # under zero.Init a parameter is an empty 1-D placeholder; ds_shape is its real shape
+        decays = len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
         buckets.setdefault((0 if index is None else index + 1, decays), []).append(param)
     return [{"params": buckets[key], "lr": lrs[key[0]], "name": names[key[0]],
              "weight_decay": optim.weight_decay if key[1] else 0.0}

@@ -56,6 +56,7 @@ MAY_CHANGE_ON_RESUME = (
     "device", "precision", "deterministic", "gradient_checkpointing", "max_nonfinite_steps",
     "objective.execution", "objective.diag_every",
     "data.prefetch_factor", "data.timeout_s", "data.eval_manifest",
+    "init_from",  # read only by a fresh start: a resume loads its own checkpoint
     "model", "data.tokenizer", "objective.tiers",  # compared by content below
 )
 
@@ -70,7 +71,7 @@ class RunDirWarning(UserWarning):
 class RunState:
     """What the output directory holds and what this start will do with it."""
 
-    mode: str  # "new" | "restart" (a run without checkpoints) | "resume" | "overwrite"
+    mode: str  # "new" | "restart" (a run without checkpoints) | "resume" | "overwrite" | "follower" (not rank 0)
     checkpoint: Path | None = None  # resume: the newest checkpoint (verified when the run starts)
     record: dict[str, Any] | None = None  # the run's run.json, when it has one
 
@@ -88,8 +89,8 @@ def start_run(config: TrainConfig, source: str | None = None) -> RunStart | None
     """Validate, check the output directory, claim it, write the run files; see the module docstring.
     Every rank validates; the main rank (launcher's RANK 0) owns the directory. None on other ranks."""
     plan = validate_run(config, source or validated_source(config))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
+    if not is_main_process():
+        return None  # its first collective (the engine's rendezvous) waits until rank 0 has claimed the directory
     inspect_run_dir(plan)  # refuse before creating anything
     directory = plan.output_dir
     directory.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,8 @@ def start_run(config: TrainConfig, source: str | None = None) -> RunStart | None
     event = {"event": "resume" if checkpoint is not None else "start", "mode": state.mode,
              "checkpoint": checkpoint.name if checkpoint is not None else None, "pid": os.getpid(),
              "host": socket.gethostname(), "argv": sys.argv, "model": plan.model.path,
-             "total_params": plan.model.total_params, "tier_plan": plan.tier_plan,
+             "total_params": plan.model.total_params, "tier_plan": plan.tier_plan, "engine": config.engine,
+             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "freeze": list(config.freeze),
              **({"moved_aside": str(moved)} if moved else {}),
              **({"took_over_lock_of": taken_over} if taken_over else {}),
              **({"pipe_commands": plan.pipe_commands} if plan.pipe_commands else {})}
@@ -122,10 +124,18 @@ def start_run(config: TrainConfig, source: str | None = None) -> RunStart | None
     return RunStart(plan=plan, mode=state.mode, step=step, checkpoint=checkpoint, moved_aside=moved)
 
 
+def is_main_process() -> bool:
+    """True outside a launcher and on its RANK 0: the one process that owns the run directory."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def inspect_run_dir(plan: RunPlan) -> RunState:
     """What `plan.output_dir` holds and what a start does with it; refuses (`RunRefused`) a directory that
-    another trainer owns, that is not a run's, or whose run this config may not continue. Writes nothing."""
+    another trainer owns, that is not a run's, or whose run this config may not continue. Writes nothing.
+    Under a launcher only rank 0 looks: the others would see its lock as another trainer's."""
     directory, config, source = plan.output_dir, plan.config, plan.source
+    if not is_main_process():  # the main rank holds the lock and may be moving files: nothing to read here
+        return RunState("follower")
     name = f"output_dir = {config.output_dir!r}"
     if not directory.is_dir() or not any(directory.iterdir()):
         return RunState("new")

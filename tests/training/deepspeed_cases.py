@@ -9,12 +9,16 @@ case, on every rank:
   every rank holds the same weights;
 - `nan`: a NaN injected into one rank's loss at step 2 skips that step on every rank.
 Results go to `--out` (rank 0) as JSON; the test asserts on them.
+
+`--export DIR` instead trains `--model` under ZeRO-3 for `steps` steps, writes the final checkpoint through
+the loop's own `save` (the atomic writer, gathered weights, model files) into the run directory DIR, and
+writes the logits the training model (partitioned, gathered per module by ZeRO-3) gives on a fixed batch
+to DIR/training_logits.pt, for a fresh process to compare with `load_trained(DIR)`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -180,6 +184,32 @@ def nan_case(cfg: TrainConfig, rank: int, world: int) -> dict:
     return result
 
 
+class _NoData:
+    """The data position of a run whose batches come from `global_batches` (nothing to resume)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def export_case(out: Path, model: str, steps: int, rank: int, world: int) -> None:
+    from training.loop import save
+
+    base = to_dict(config_for(3, "ordmoe", "sequential", steps, model))
+    # shards (never read: the batches are `global_batches`): the model files take the model config's tokenizer
+    cfg = from_dict(TrainConfig, {**base, "output_dir": str(out), "data": {**base["data"], "kind": "shards",
+                                                                           "shards": str(out)}}, source="export")
+    engine = build_engine(fresh_model(cfg), cfg)
+    objective = build_objective(cfg.objective, engine.model)
+    for step in range(1, steps + 1):
+        norm = one_step(engine, objective, my_batches(step, rank, world), step)
+    save(cfg, engine, _NoData(), steps, {"loss": 0.0, "grad_norm": norm})
+    engine.model.eval()
+    with torch.no_grad():
+        logits = engine.model(**{k: v for k, v in global_batches(0, 1)[0].items() if k != "labels"}).logits
+    if rank == 0:
+        torch.save(logits, out / "training_logits.pt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -187,9 +217,15 @@ def main() -> None:
                         help="stage:objective:execution[:model], comma-separated")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--nan", default="", help="ZeRO stages to run the NaN case under, e.g. 2,3")
+    parser.add_argument("--export", default=None, help="run directory: the export case instead (module doc)")
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
     rank, _, world = launch_world()
+    if args.export:
+        export_case(Path(args.export), args.model, args.steps, rank, world)
+        torch.distributed.barrier()
+        return
     results = {"world_size": world, "cases": {}, "nan": {}}
     for spec in args.cases.split(","):
         stage, name, execution, *model = spec.split(":")

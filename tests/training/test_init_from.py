@@ -167,3 +167,39 @@ def test_a_text_stage_must_reuse_the_previous_tokenizer(tmp_path):
     export = export_trained(tmp_path / "export", seeded(LING, 1), LING, tokenizer=TOKENIZER)
     with pytest.raises(InitFromError, match="data.tokenizer"):
         _check(tmp_path, export, model=LING, tokenizer=None, data={"kind": "text"})
+
+
+ZERO3_LOAD = """
+import sys, torch, deepspeed
+import models
+from models.build import load_model_config
+from training.init_from import load_init_weights
+from training.zero_init import build_for_engine
+deepspeed.init_distributed(dist_backend="gloo")
+ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False}}
+model = build_for_engine(load_model_config(sys.argv[1]), ds)
+assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()), "not partitioned"
+load_init_weights(model, sys.argv[2])
+expected = torch.load(sys.argv[3], weights_only=True)
+for name, param in model.named_parameters():
+    with deepspeed.zero.GatheredParameters([param]):
+        assert torch.equal(param.data, expected[name]), name
+print("loaded into partitions")
+"""
+
+
+def test_zero3_partitions_take_the_init_from_weights(tmp_path):
+    """Under ZeRO-3 (zero.Init, a world of one over gloo) each rank streams its slice of init_from's tensors
+    into its partitions; gathered, they are the exported weights bit for bit."""
+    import os
+    import subprocess
+    import sys
+    trained = seeded(LING, 1)
+    source = export_trained(tmp_path / "export", trained, LING)
+    torch.save({k: v.detach().clone() for k, v in trained.named_parameters()}, tmp_path / "expected.pt")
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(20000 + os.getpid() % 20000), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, "-c", ZERO3_LOAD, LING, str(source), str(tmp_path / "expected.pt")],
+                         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "loaded into partitions" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
