@@ -52,8 +52,9 @@ def score_results(benchmark: Benchmark, results: list[Result]) -> Score:
 def evaluate(subject: ModelUnderTest, names: list[str], data_root: str | Path, output_dir: str | Path,
              protocol: str = "vlmevalkit", batch_size: int = 8, limit: int | None = None,
              tiers: TierConfig | None = None, device: torch.device | str = "cpu",
-             show_progress: bool = True) -> tuple[Report, dict[str, GenerationStats]]:
-    """The report (meaningful on rank 0) and, per (benchmark, row), the generation counts."""
+             show_progress: bool = True, num_frames: int | None = None) -> tuple[Report, dict[str, GenerationStats]]:
+    """The report (meaningful on rank 0) and, per (benchmark, row), the generation counts. `num_frames`: frames
+    per video of the video benchmarks (None: the paper's 128); other counts are cached apart."""
     report = Report(benchmarks=list(names), protocol=protocol)
     paths = [None]
     plan = None
@@ -67,7 +68,9 @@ def evaluate(subject: ModelUnderTest, names: list[str], data_root: str | Path, o
         rows[0].label += f" [tier 1/{plan.num_tiers}: standard routing]"
     stats: dict[str, GenerationStats] = {}
     for name in names:
-        benchmark = BENCHMARKS.build(name, data_root, protocol)
+        frames = num_frames if BENCHMARKS.get(name).modality == "video" else None
+        benchmark = BENCHMARKS.build(name, data_root, protocol, **({} if frames is None else {"num_frames": frames}))
+        cached_as = name if frames is None else f"{name}-{frames}frames"
         try:
             samples = load_samples(benchmark, limit)
         except MissingData as err:
@@ -77,7 +80,7 @@ def evaluate(subject: ModelUnderTest, names: list[str], data_root: str | Path, o
             report.failed[name] = str(err)
             continue
         for path, row in zip(paths, rows):
-            cache = PredictionCache(output_dir, row.info["fingerprint"], name, protocol)
+            cache = PredictionCache(output_dir, row.info["fingerprint"], cached_as, protocol)
             if distributed_rank()[0] == 0:
                 cache.write_model_card({"label": row.label, "fingerprint": subject.fingerprint,
                                         "tier": None if path is None else path.label})

@@ -28,6 +28,7 @@ from evaluation.suite import ModelUnderTest, evaluate, score_results
 from evaluation.tables import read_table
 from models.tiers import TierConfig
 from training.export import MODEL_CONFIG, PROCESSOR_CONFIG, WEIGHTS, load_trained, resolve_model_dir
+from tools.arguments import positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="whose prompts and scoring rules to follow where VLMEvalKit and lmms-eval differ")
     parser.add_argument("--limit", type=int, default=None, help="first N samples of each benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--frames", type=positive_int, default=None, metavar="N",
+                        help="frames per video for the video benchmarks (default: the paper's 128, uniformly sampled)")
     parser.add_argument("--tiers", type=int, nargs="?", const=3, default=None, metavar="C",
                         help="also evaluate every OrdMoE tier path (C tiers, default 3): one report row per path")
     parser.add_argument("--tier-plan", default="uniform", help="the tier plan of --tiers (uniform, high_only, ...)")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace, names: list[str]) -> tuple[Report | None, Path
     output = Path(args.output) if args.output else (model_path / "eval" if model_path.is_dir() else Path("eval"))
     tiers = TierConfig(num_tiers=args.tiers, plan=args.tier_plan) if args.tiers else None
     report, _ = evaluate(subject, names, args.data_root, output, args.protocol, args.batch_size, args.limit,
-                         tiers, device, show_progress=not args.no_progress)
+                         tiers, device, show_progress=not args.no_progress, num_frames=args.frames)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return (report if rank == 0 else None), output

@@ -12,13 +12,7 @@ import time
 
 from data.demo_data import DemoDirectoryError, build_demo_data
 from data.manifest import ManifestError
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+from tools.arguments import positive_int
 
 
 def main(argv: list[str] | None = None) -> int:

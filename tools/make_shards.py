@@ -11,27 +11,7 @@ import sys
 
 from data.manifest import ManifestError
 from data.shards import NothingWritten, write_shards
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+from tools.arguments import non_negative_int, positive_float, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:

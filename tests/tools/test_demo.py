@@ -2,13 +2,10 @@
 then tools/eval.py on the held-out split: the two-run table (chance beside each task) and its PNG exist."""
 import json
 
-import pytest
-
 from evaluation import BENCHMARKS
 from tools import demo
 
 
-@pytest.mark.slow
 def test_demo_trains_both_objectives_and_evaluates_them(tmp_path):
     output, data = tmp_path / "demo", tmp_path / "demo_data"
     status = demo.main([f"output_dir={output}", f"data_dir={data}", "samples_per_kind=4", "steps=2", "save_every=2",

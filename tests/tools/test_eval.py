@@ -107,3 +107,24 @@ def test_unknown_benchmark_and_missing_model_are_one_line_errors(tmp_path, capsy
     assert "Did you mean 'mmstar'" in capsys.readouterr().err
     assert eval_main([str(tmp_path / "nope"), "--benchmarks", "mmstar"]) == 2
     assert "no such run, checkpoint or export directory" in capsys.readouterr().err
+
+
+def test_frames_reach_the_video_benchmarks_only_and_zero_is_refused(tmp_path, monkeypatch, capsys):
+    import types
+
+    import evaluation.suite as suite
+    from evaluation.benchmark import MissingData
+    built = {}
+
+    def no_data(benchmark, limit):
+        built[benchmark.name] = getattr(benchmark, "num_frames", None)
+        raise MissingData(f"{benchmark.name}: not here")
+    monkeypatch.setattr(suite, "load_samples", no_data)
+    subject = types.SimpleNamespace(label="m", fingerprint="f", model=None, processor=None)
+    report, _ = suite.evaluate(subject, ["mvbench", "ai2d"], tmp_path, tmp_path / "out", num_frames=8)
+    assert built == {"mvbench": 8, "ai2d": None} and set(report.missing) == {"mvbench", "ai2d"}
+    suite.evaluate(subject, ["mvbench"], tmp_path, tmp_path / "out")
+    assert built["mvbench"] == 128  # the paper's default
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(tmp_path), "--benchmarks", "mvbench", "--frames", "0"])
+    assert exit_info.value.code == 2 and "--frames: must be >= 1" in capsys.readouterr().err
