@@ -97,17 +97,22 @@ def check_fields(expected: dict[str, Any], found: dict[str, Any], fields: tuple[
         raise CheckpointError(f"{source} describes another architecture: {'; '.join(differ)}")
 
 
-def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into `module`; missing, unexpected or mis-shaped keys are listed in the error."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = sorted(k for k in tensors if k not in expected)
-    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs encoder {tuple(v.shape)}"
-              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+def check_shapes(module: nn.Module, found: dict[str, tuple[int, ...]], source: str) -> None:
+    """Checkpoint keys -> shapes against `module`'s state dict; missing, unexpected or mis-shaped keys are listed."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    shapes = [f"{k}: checkpoint {tuple(found[k])} vs encoder {s}" for k, s in expected.items()
+              if k in found and tuple(found[k]) != s]
     if missing or unexpected or shapes:
         parts = [f"{source} does not fit {type(module).__name__}:"]
         for label, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
             if items:
                 parts.append(f"{label}: {', '.join(items[:SHOWN])}" + (" ..." if len(items) > SHOWN else ""))
         raise CheckpointError("\n".join(parts))
+
+
+def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into `module`; missing, unexpected or mis-shaped keys are listed in the error."""
+    check_shapes(module, {k: tuple(v.shape) for k, v in tensors.items()}, source)
     module.load_state_dict(tensors, strict=True)

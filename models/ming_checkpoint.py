@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from encoders.checkpoint import SHOWN, read_prefixed
+from encoders.checkpoint import check_shapes, read_prefixed
 from models.checkpoint import (CheckpointError, Placement, from_official, official_placements, place_tensors,
                                validate)
 
@@ -100,21 +100,6 @@ def _components(keys: Iterable[str], model: nn.Module, path: str | Path,
     return groups
 
 
-def _check_shapes(module: nn.Module, found: dict[str, tuple[int, ...]], source: str) -> None:
-    """A component's checkpoint keys -> shapes against the module's state dict: missing, unexpected or
-    mis-shaped keys are listed (as encoders/checkpoint.py load_strict lists them for tensors)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in expected if k not in found]
-    unexpected = sorted(k for k in found if k not in expected)
-    shapes = [f"{k}: checkpoint {found[k]} vs encoder {s}" for k, s in expected.items() if k in found and found[k] != s]
-    if missing or unexpected or shapes:
-        parts = [f"{source} does not fit {type(module).__name__}:"]
-        for label, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
-            if items:
-                parts.append(f"{label}: {', '.join(items[:SHOWN])}" + (" ..." if len(items) > SHOWN else ""))
-        raise CheckpointError("\n".join(parts))
-
-
 def ming_placements(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str | Path,
                     components: dict[str, str] | None = None) -> dict[str, Placement]:
     """Checkpoint key -> its Placement in the OmniModel's state dict, validated strictly from the shapes alone
@@ -136,7 +121,7 @@ def ming_placements(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: 
             # Ming's table covers 300 s (15000 positions); sinusoid rows do not depend on the table
             # length, so the first rows are exactly the 30-s table this encoder uses per chunk.
             found[_POSITIONS] = (table.shape[0], *found[_POSITIONS][1:])
-        _check_shapes(module, found, f"{path} ({name}.*)")
+        check_shapes(module, found, f"{path} ({name}.*)")
         placements.update({key: Placement(f"{name}.{rename(rest)}", 0, found[rename(rest)])
                            for rest, key in part.items()})
     return placements
