@@ -168,7 +168,7 @@ def write_weights(directory: str | Path, weights: nn.Module | Mapping[str, torch
     if isinstance(weights, nn.Module):
         save_model(weights, str(path))  # drops tied duplicates, as `load_model` expects
     else:
-        save_file(_unshared(tensors), str(path))
+        save_file(unshared(tensors), str(path))
     fault_point("weights_written")
     return path
 
@@ -534,7 +534,7 @@ def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
                                     f"Inf (the earlier checkpoints are kept)")
 
 
-def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share storage (tied weights): give each key its own copy."""
     seen: set[tuple[int, int]] = set()
     out = {}

@@ -33,7 +33,7 @@ from data.processor import OmniProcessor
 from models.build import ModelConfig, build_model, load_model_config
 from models.config import ConfigError, from_dict, read_yaml, to_dict
 from models.release import is_release_dir
-from training.checkpoint import latest_checkpoint
+from training.checkpoint import latest_checkpoint, unshared
 
 MODEL_CONFIG = "model_config.yaml"
 TOKENIZER = "tokenizer.json"
@@ -93,7 +93,7 @@ def export_trained(directory: str | Path, model: nn.Module, model_config: str | 
         if state_dict is None:
             save_model(model, str(tmp / WEIGHTS))
         else:
-            save_file(_unshared(state_dict), str(tmp / WEIGHTS))
+            save_file(unshared(state_dict), str(tmp / WEIGHTS))
         write_model_files(tmp, model_config, tokenizer, max_length, template)
         if directory.exists():
             shutil.rmtree(directory)
@@ -207,18 +207,6 @@ def _pop_path(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
         if not isinstance(node, dict):
             return None
     return node.pop(keys[-1], None)
-
-
-def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage (tied weights): give each key its own copy."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        out[key] = tensor.clone().contiguous() if ident in seen or not tensor.is_contiguous() else tensor
-        seen.add(ident)
-    return out
 
 
 def _load_weights(model: nn.Module, weights: Path) -> None:
