@@ -46,9 +46,31 @@ def config_for(stage: int, name: str, execution: str, steps: int, model: str = M
     return from_dict(TrainConfig, data, source="deepspeed_cases")
 
 
+DEMO: list[dict] = []  # with --demo-data: processed demo samples (images, audio, video, text) to batch from
+
+
+def load_demo(directory: Path, cfg: TrainConfig) -> None:
+    """The demo dataset's samples decoded and processed as training does, in file order (same on every rank)."""
+    from data.manifest import read_manifest
+    from data.media import decode_media
+    from training.data import processor_for, stream_limits
+
+    processor = processor_for(fresh_model(cfg), cfg)
+    limits = stream_limits(cfg, processor)
+    DEMO[:] = [processor(decode_media(sample, limits, str(directory))) for sample in
+               read_manifest(directory / "train.jsonl")]
+    DEMO.append(processor)  # the last entry collates
+
+
 def global_batches(step: int, world: int) -> list[dict]:
-    """The micro-batches of one optimizer step over all ranks: rank r gets [r * ACCUM, (r + 1) * ACCUM)."""
+    """The micro-batches of one optimizer step over all ranks: rank r gets [r * ACCUM, (r + 1) * ACCUM).
+    Random token ids, or with --demo-data a seeded draw of demo samples, so ranks see different modalities."""
     g = torch.Generator().manual_seed(1000 + step)
+    if DEMO:
+        *examples, processor = DEMO
+        order = torch.randperm(len(examples), generator=g).tolist()
+        return [processor.collate([examples[i] for i in order[k * MICRO:(k + 1) * MICRO]])
+                for k in range(world * ACCUM)]
     out = []
     for _ in range(world * ACCUM):
         ids = torch.randint(3, 500, (MICRO, SEQ), generator=g)
@@ -219,6 +241,7 @@ def main() -> None:
     parser.add_argument("--nan", default="", help="ZeRO stages to run the NaN case under, e.g. 2,3")
     parser.add_argument("--export", default=None, help="run directory: the export case instead (module doc)")
     parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--demo-data", default=None, help="a demo dataset directory: batches of its samples")
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
     rank, _, world = launch_world()
@@ -230,6 +253,8 @@ def main() -> None:
     for spec in args.cases.split(","):
         stage, name, execution, *model = spec.split(":")
         cfg = config_for(int(stage), name, execution, args.steps, *model)
+        if args.demo_data and not DEMO:
+            load_demo(Path(args.demo_data), cfg)
         results["cases"][spec] = {**gradient_case(cfg, rank, world), **training_case(cfg, args.steps, rank, world)}
     for stage in filter(None, args.nan.split(",")):
         results["nan"][stage] = nan_case(config_for(int(stage), "ordmoe", "sequential", 3), rank, world)

@@ -26,12 +26,12 @@ GRAD_TOLERANCE = 1e-5
 UPDATE_TOLERANCE = 2e-2
 
 
-def launch(out: Path, cases: str, steps: int = 2, nan: str = "", timeout: int = 900) -> dict:
+def launch(out: Path, cases: str, steps: int = 2, nan: str = "", timeout: int = 900, extra: tuple = ()) -> dict:
     """`deepspeed --num_gpus 2 deepspeed_cases.py ...` (the real launcher); its JSON results."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), str(CASES),
-           "--out", str(out), "--cases", cases, "--steps", str(steps), "--nan", nan]
+           "--out", str(out), "--cases", cases, "--steps", str(steps), "--nan", nan, *extra]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     return json.loads(out.read_text())
@@ -150,3 +150,28 @@ def test_plain_engine_refuses_a_multi_process_launch(monkeypatch):
     config = from_dict(TrainConfig, {"model": "configs/models/tiny-ling-lite.yaml"}, source="test")
     with pytest.raises(ValueError, match="engine: plain runs one process, but the launcher started 2"):
         build_engine(torch.nn.Linear(2, 2), config)
+
+
+def omni_demo_cases(tmp_path, cases: str) -> dict:
+    """tiny-omni on demo samples, OrdMoE C = 3, grad_accum 2: each micro-batch is a seeded draw of demo
+    samples, so ranks hold different modalities (idle encoders run on blank inputs)."""
+    from data.demo_data import build_demo_data
+    build_demo_data(tmp_path / "demo", samples_per_kind=4)
+    return launch(tmp_path / "results.json", cases, steps=2, timeout=1800, extra=("--demo-data", str(tmp_path / "demo")))
+
+
+@pytest.mark.slow
+def test_tiny_omni_on_demo_samples_matches_one_process_under_zero2(tmp_path):
+    for name, case in omni_demo_cases(tmp_path, "2:ordmoe:sequential:tiny-omni")["cases"].items():
+        check_case(name, case)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "open: under ZeRO-3 this launch fails in a gradient reduce-scatter after the gloo timeout. Probable cause: "
+    "ranks whose micro-batches hold different numbers of audio clips call the audio encoder a different number "
+    "of times (each clip at its own length), so their parameter gathers no longer pair up. tools/train.py with "
+    "batch_size 1 (one clip per micro-batch) trains (test_deepspeed_train.py)."))
+def test_tiny_omni_on_demo_samples_matches_one_process_under_zero3(tmp_path):
+    for name, case in omni_demo_cases(tmp_path, "3:ordmoe:batched:tiny-omni")["cases"].items():
+        check_case(name, case)
