@@ -163,3 +163,13 @@ def test_readme_commands_run_in_order(tmp_path, capsys):
     ran = [command for command, reason in skipped.items() if reason is None]
     assert any("tools.train" in command for command in ran) and any("probe_tiers" in command for command in ran)
     print("\n".join(f"skipped: {command}: {reason}" for command, reason in skipped.items() if reason))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "train" in p.parts and absent_release(p)],
+                         ids=lambda p: str(p))
+def test_a_recipe_whose_release_is_absent_says_how_to_get_it(path, capsys):
+    """`tools.train RECIPE --check` on a machine without the release: one line, exit 2, the download command."""
+    from tools.train import main as train_main
+    assert train_main([str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "huggingface-cli download" in err and str(path) in err, err

@@ -250,7 +250,7 @@ def test_zero3_export_loads_in_a_fresh_process_with_the_training_logits(tmp_path
                              "--out", str(tmp_path / "unused.json"), "--export", str(run), "--model", model,
                              "--steps", "2"], cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    expected = torch.load(run / "training_logits.pt")
+    expected = torch.load(run / "training_logits.pt", weights_only=True)
     sys.path.insert(0, str(cases.parent))
     from deepspeed_cases import global_batches
     batch = {k: v for k, v in global_batches(0, 1)[0].items() if k != "labels"}
