@@ -119,6 +119,7 @@ class Score:
     errors: int = 0  # samples with no prediction (corrupt media, ...): scored wrong, counted here
     note: str = ""  # e.g. "not scored: no judge configured"
     extra: dict[str, Any] = field(default_factory=dict)  # anything else worth reporting (e.g. sub-metrics)
+    higher_is_better: bool = True  # False for error rates (WER, CER): the report lists them but never averages them
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

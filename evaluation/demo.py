@@ -110,4 +110,4 @@ class DemoSpeech(DemoBenchmark):
     def score(self, results: list[Result]) -> Score:
         asr = score_asr([str(r.answer) for r in results], [r.prediction or "" for r in results], "en")
         return Score(benchmark=self.name, protocol=ASR_PROTOCOL, metric="WER (%)", value=100 * asr.wer,
-                     count=len(results), extra={"chance": self.chance, "cer": 100 * asr.cer})
+                     count=len(results), higher_is_better=False, extra={"chance": self.chance, "cer": 100 * asr.cer})

@@ -2,7 +2,8 @@
 per benchmark, an average), a PNG bar chart, and per benchmark its protocol, counts and categories.
 
 The average is over the benchmarks a row has a number for, each as a percentage of its full mark (OCRBench's
-/1000 counts as /10, as OpenCompass averages it); a row missing some says how many it averages. A
+/1000 counts as /10, as OpenCompass averages it); a row missing some says how many it averages. Error rates
+(WER, CER: `Score.higher_is_better` False) are shown but not averaged. A
 benchmark without data is listed with where its files were expected; one not scored (MM-Vet without a
 judge) prints "not scored", never a number.
 """
@@ -24,8 +25,10 @@ class ReportRow:
     info: dict[str, Any] = field(default_factory=dict)  # fingerprint, path, tier
 
     def average(self) -> tuple[float | None, int]:
-        """Mean percentage of the scored benchmarks, and how many there are."""
-        values = [s.value / s.full_mark * 100 for s in self.scores.values() if s.value is not None]
+        """Mean percentage of the scored benchmarks where higher is better (an error rate such as WER would
+        pull an accuracy average the wrong way), and how many there are."""
+        values = [s.value / s.full_mark * 100 for s in self.scores.values()
+                  if s.value is not None and s.higher_is_better]
         return (sum(values) / len(values) if values else None), len(values)
 
 
@@ -58,7 +61,8 @@ def to_markdown(report: Report) -> str:
              "| model | " + " | ".join(columns) + " | avg |", "|---" * (len(columns) + 2) + "|"]
     for row in report.rows:
         average, count = row.average()
-        avg = "-" if average is None else f"{average:.1f}" + ("" if count == len(columns) else f" ({count}/{len(columns)})")
+        averageable = sum(1 for b in columns if b not in row.scores or row.scores[b].higher_is_better)
+        avg = "-" if average is None else f"{average:.1f}" + ("" if count == averageable else f" ({count}/{averageable})")
         lines.append(f"| {row.label} | " + " | ".join(cell(row.scores.get(b), b, report) for b in columns)
                      + f" | {avg} |")
     lines += ["", "| benchmark | metric | protocol | samples | unparsed | errors | note |", "|---|---|---|---|---|---|---|"]

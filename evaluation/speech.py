@@ -50,6 +50,7 @@ class SpeechRecognition(Benchmark):
         value = 100 * (asr.cer if characters else asr.wer)
         return Score(benchmark=self.name, protocol=PROTOCOL, metric="CER (%)" if characters else "WER (%)",
                      value=value, count=len(results), errors=sum(r.prediction is None for r in results),
+                     higher_is_better=False,
                      extra={"wer": 100 * asr.wer, "cer": 100 * asr.cer, "substitutions": asr.substitutions,
                             "deletions": asr.deletions, "insertions": asr.insertions,
                             "reference_tokens": asr.reference_tokens, "empty_hypotheses": asr.empty_hypotheses})
