@@ -18,8 +18,10 @@ the official batched call does not mask. `frame_stride` > 1 mean-pools groups of
 (the last group may be shorter) before the projector.
 
 Interface: `preprocessor()([waveforms]) -> AudioInputs` (with `frames_per_clip`, known before the encoder runs),
-`forward(AudioInputs) -> [frames, d_model] per clip` (`encode` is the same call), `output_dim`,
-`load_checkpoint(path)`.
+`forward(AudioInputs) -> [frames of every clip, d_model]`, clip after clip (`.split(inputs.frames_per_clip)`
+gives the clips; `encode` is the same call), `output_dim`, `load_checkpoint(path)`. One tensor, not one per
+clip: ZeRO-3 hooks every tensor a module returns and gathers its weights again in each hook's backward, so a
+list as long as the batch's clip count would pair up with no other rank's gathers.
 """
 from __future__ import annotations
 
@@ -84,8 +86,8 @@ class WhisperAudioEncoder(WhisperEncoder):
         return WhisperPreprocessor(n_mels=self.config.num_mel_bins, frame_stride=self.frame_stride,
                                    max_source_positions=self.config.max_source_positions)
 
-    def forward(self, inputs: AudioInputs) -> list[torch.Tensor]:
-        """One `[frames_per_clip[i], d_model]` tensor per clip; padding never changes a clip's features."""
+    def forward(self, inputs: AudioInputs) -> torch.Tensor:
+        """`[sum(frames_per_clip), d_model]`, clip after clip; padding never changes a clip's features."""
         mel_lengths = inputs.chunk_frames.to(self.conv1.weight.device)
         windows = inputs.features.to(self.conv1.weight).split(inputs.chunk_frames.tolist())
         mel = pad_sequence(list(windows), batch_first=True).transpose(1, 2)  # [windows, n_mels, longest]
@@ -119,9 +121,9 @@ class WhisperAudioEncoder(WhisperEncoder):
                 groups = clip.split(self.frame_stride)
                 clip = torch.stack([group.mean(dim=0) for group in groups])
             out.append(clip)
-        return out
+        return torch.cat(out)
 
-    def encode(self, inputs: AudioInputs) -> list[torch.Tensor]:
+    def encode(self, inputs: AudioInputs) -> torch.Tensor:
         return self(inputs)
 
     def load_checkpoint(self, path: str | Path) -> None:

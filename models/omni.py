@@ -209,7 +209,7 @@ class OmniModel(PreTrainedModel, GenerationMixin):
                 raise ValueError("the batch has audio inputs but this model has no audio encoder")
             inputs = AudioInputs(batch["audio_features"], batch["audio_chunk_frames"],
                                  batch["audio_chunks_per_clip"].tolist(), batch["audio_frames_per_clip"].tolist())
-            features = _project_clips(self.linear_proj_audio, self.audio(inputs))
+            features = _project_clips(self.linear_proj_audio, self.audio(inputs).split(inputs.frames_per_clip))
             out["audio"] = _normalized(features, self.config.audio_projector)
         return out
 
@@ -305,7 +305,7 @@ def _media_kinds(batch: dict[str, Any]) -> list[str]:
     return [kind for kind, key in keys if batch.get(key) is not None]
 
 
-def _project_clips(projector: Projector, clips: list[torch.Tensor]) -> torch.Tensor:
+def _project_clips(projector: Projector, clips: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Every clip's `projector.project(clip)`, concatenated, in ONE call of the projector: ZeRO-3 gathers a
     module's weights each time it runs, so the number of calls must not depend on the batch. A clip never
     reads another's frames: a convolution reads zeros past a clip's end either way (its own padding, or the

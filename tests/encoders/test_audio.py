@@ -40,7 +40,7 @@ def test_a_3_second_clip_is_encoded_at_its_own_length_with_the_official_mel(n_me
     assert inputs.features.shape == (mel_frames, n_mels) and inputs.chunk_frames.tolist() == [mel_frames]
     torch.testing.assert_close(inputs.features.T, openai_whisper_log_mel(wave, n_mels), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        (features,) = encoder(inputs)
+        features = encoder(inputs)
     assert features.shape == ((mel_frames - 1) // 2 + 1, 32) == (inputs.frames_per_clip[0], 32)
     assert features.shape[0] < 150 < 1500  # not a 30-s window
 
@@ -53,11 +53,11 @@ def test_a_batch_of_clips_of_different_lengths_equals_each_clip_alone(assets):
     assert len({len(w) // 160 % 2 for w in waves}) == 2  # odd and even mel lengths (conv2's last frame differs)
     batch = preprocess(waves)
     with torch.no_grad():
-        together = encoder(batch)
+        together = encoder(batch).split(batch.frames_per_clip)
         for index, wave in enumerate(waves):
             alone = preprocess([wave])
             assert torch.equal(batch.features.split(batch.chunk_frames.tolist())[index], alone.features)
-            (features,) = encoder(alone)
+            features = encoder(alone)
             assert together[index].shape == features.shape == (alone.frames_per_clip[0], 32)
             torch.testing.assert_close(together[index], features, atol=1e-5, rtol=1e-5)
 
@@ -68,7 +68,7 @@ def test_real_speech_frames_match_the_prediction(assets, name):
     wave = load_audio(assets / name)
     inputs = encoder.preprocessor()([wave])
     with torch.no_grad():
-        (features,) = encoder(inputs)
+        features = encoder(inputs)
     assert features.shape == (inputs.frames_per_clip[0], encoder.output_dim) == (inputs.frames_per_clip[0], 32)
     assert inputs.frames_per_clip[0] == pytest.approx(len(wave) / 16000 * 50, abs=1)  # 50 frames per second
 
@@ -81,10 +81,10 @@ def test_audio_longer_than_the_positional_table_is_cut_into_windows_and_strided(
     assert inputs.chunk_frames.tolist() == [3000, 3000, 1000, 100]  # mel frames of each window
     assert inputs.frames_per_clip == [875, 13]  # ceil(3500 / 4), ceil(50 / 4)
     with torch.no_grad():
-        long, short = encoder(inputs)
+        long, short = encoder(inputs).split(inputs.frames_per_clip)
         plain = AUDIO_ENCODERS.build("whisper", TINY).eval()
         plain.load_state_dict(encoder.state_dict())
-        unpooled = plain(inputs)[1]
+        unpooled = plain(inputs).split(plain.preprocessor()([clip, clip[:16000]]).frames_per_clip)[1]
     assert long.shape == (875, 32) and short.shape == (13, 32)
     torch.testing.assert_close(short[0], unpooled[:4].mean(0))
     torch.testing.assert_close(short[-1], unpooled[48:].mean(0))  # the last group holds the 2 leftover frames

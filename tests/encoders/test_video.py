@@ -57,7 +57,7 @@ def test_video_audio_track_goes_through_the_audio_encoder(assets):
                                                "encoder_ffn_dim": 64}).eval()
     inputs = encoder.preprocessor()([clip.audio])
     with torch.no_grad():
-        (features,) = encoder(inputs)
+        features = encoder(inputs)
     assert features.shape[0] == inputs.frames_per_clip[0] == pytest.approx(50 * 10.4, abs=3)
 
 

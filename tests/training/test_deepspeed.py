@@ -167,11 +167,6 @@ def test_tiny_omni_on_demo_samples_matches_one_process_under_zero2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "open: under ZeRO-3 this launch fails in a gradient reduce-scatter after the gloo timeout. Probable cause: "
-    "ranks whose micro-batches hold different numbers of audio clips call the audio encoder a different number "
-    "of times (each clip at its own length), so their parameter gathers no longer pair up. tools/train.py with "
-    "batch_size 1 (one clip per micro-batch) trains (test_deepspeed_train.py)."))
 def test_tiny_omni_on_demo_samples_matches_one_process_under_zero3(tmp_path):
     for name, case in omni_demo_cases(tmp_path, "3:ordmoe:batched:tiny-omni")["cases"].items():
         check_case(name, case)
