@@ -2,8 +2,8 @@
 
 `python benchmarks/zero.py [--quick]` spawns `deepspeed --num_gpus N benchmarks/zero.py --worker ...` (2 CPU
 ranks with gloo under --quick or without a GPU; else up to 2 GPUs with nccl) on tiny Ling-lite. --quick takes
-2-3 minutes on a shared 2-core machine (longer than other benchmarks): the launch, DeepSpeed's import and its
-one-off op build are most of it. Measured:
+about 30 s on 2 idle cores (13 s of it the launch up to the first step); 2-3 minutes on a loaded machine, and
+the first launch on a machine also builds DeepSpeed's CPU comm op once. Measured:
 
 - `ordmoe_over_ntp`: median optimizer-step time of OrdMoE (C=3, sequential) / next-token training, ZeRO-2;
 - `rank_state_ratio`: bytes of parameters + gradients + optimizer state one rank holds under ZeRO-3, model
@@ -213,7 +213,7 @@ def launch(device: str, size: str, ranks: int) -> tuple[dict, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 CPU ranks (gloo), the tiny model: 1-2 minutes")
+    parser.add_argument("--quick", action="store_true", help="2 CPU ranks (gloo), the tiny model: about 30 s")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a rank the launcher started
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
