@@ -124,17 +124,22 @@ def build_model(config: ModelConfig | str | Path, source: str = "<config>") -> n
 
 def load_backbone_checkpoint(llm: nn.Module, path: str) -> None:
     """An official Ling checkpoint (per-expert keys, converted) or a transformers checkpoint (natives), strictly."""
-    from models.checkpoint import CheckpointError
     from encoders.checkpoint import read_prefixed
     from models.ming_checkpoint import load_llm
     if hasattr(llm, "save_official"):  # our Ling backbones: the official layout
         load_llm(llm, read_prefixed(path, ("",)), f"{path} (official checkpoint)")
         return
     loaded, info = type(llm).from_pretrained(path, config=llm.config, output_loading_info=True, local_files_only=True)
+    check_loading_info(info, path, type(llm).__name__)
+    llm.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def check_loading_info(info: dict[str, Any], path: str | Path, model_name: str) -> None:
+    """`from_pretrained(..., output_loading_info=True)`'s report, as strict as `load_state_dict(strict=True)`."""
+    from models.checkpoint import CheckpointError
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
-        raise CheckpointError(f"{path} does not match {type(llm).__name__}: {problems}")
-    llm.load_state_dict(loaded.state_dict(), strict=True)
+        raise CheckpointError(f"{path} does not match {model_name}: {problems}")
 
 
 def load_component_checkpoints(model: nn.Module, config: ModelConfig) -> None:

@@ -11,6 +11,10 @@ their official checkpoints shard by shard, one tensor at a time.
   (the largest, one layer's fused experts, is 738 MB in bf16 for Ming-Lite-Omni) and sends the model over
   the network twice. Slices need no communication, and a rank's host working set is one slice of one
   parameter plus a row.
+- A transformers-native backbone checkpoint (Qwen3-MoE, OLMoE, ...) under ZeRO-3 goes through transformers'
+  own ZeRO-3 loading (`native_partitioned`): rank 0 reads one shard file at a time and each module's weights are
+  gathered while it copies them in. That holds a shard on rank 0's host and sends the LLM over the network once;
+  our slice streaming would need transformers' key conversions re-implemented.
 - ZeRO-2 / plain (`ds_config` None or stage 2): every rank needs the whole model. When the checkpoints
   cover every weight it is built on the meta device, allocated once (`to_empty`) and filled tensor by
   tensor: one copy in host memory, and no random init. Otherwise it is built with random weights (still one
@@ -37,7 +41,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from models.build import ModelConfig, build_model, load_backbone_checkpoint, load_model_config
+from models.build import ModelConfig, build_model, check_loading_info, load_backbone_checkpoint, load_model_config
 from models.checkpoint import CheckpointError, Placement, checkpoint_files, official_placements, read_shapes, validate
 from models.ming_checkpoint import ming_placements
 
@@ -187,21 +191,46 @@ def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def load_own_checkpoints(model: nn.Module, config: ModelConfig, partitioned: bool) -> None:
+def load_own_checkpoints(model: nn.Module, config: ModelConfig, ds_config: dict[str, Any] | None) -> nn.Module:
     """Checkpoints in other layouts, through their own loaders: Qwen2.5-VL / Whisper encoder directories
-    (small next to the LLM; under ZeRO-3 gathered one encoder at a time) and transformers-native backbones."""
+    (small next to the LLM; under ZeRO-3 gathered one encoder at a time) and transformers-native backbones
+    (under ZeRO-3 the LLM is replaced by transformers' own partitioned load). Returns the model."""
+    partitioned = is_stage3(ds_config)
     if config.is_omni:
         for section, module in ((config.vision, model.vision), (config.audio, model.audio)):
             if section is not None and section.checkpoint:
                 with _gathered(list(module.parameters())) if partitioned else contextlib.nullcontext():
                     module.load_checkpoint(section.checkpoint)  # every rank validates; rank 0's copy is kept
     llm = model.model if config.is_omni else model
-    if config.backbone.checkpoint and not _is_ling(llm):
-        if partitioned:
-            raise CheckpointError(f"backbone.checkpoint {config.backbone.checkpoint}: a transformers-native "
-                                  f"{config.backbone.name} checkpoint is not streamed into ZeRO-3 partitions; use "
-                                  f"ZeRO-2, or convert it to our layout (save_pretrained of the built model)")
+    if not config.backbone.checkpoint or _is_ling(llm):
+        return model
+    if not partitioned:
         load_backbone_checkpoint(llm, config.backbone.checkpoint)
+        return model
+    llm = native_partitioned(type(llm), llm.config, config.backbone.checkpoint, ds_config)
+    if not config.is_omni:
+        return llm
+    model.model = llm
+    return model
+
+
+def native_partitioned(model_class: type[PreTrainedModel], llm_config: Any, path: str,
+                       ds_config: dict[str, Any]) -> PreTrainedModel:
+    """A transformers-native checkpoint loaded the way transformers does under ZeRO-3: while an
+    `HfDeepSpeedConfig` is alive, `from_pretrained` builds under `deepspeed.zero.Init` and copies each module's
+    tensors in on rank 0 with that module's weights gathered (its own key conversions included: the hub's
+    per-expert tensors into fused experts), one shard file at a time. As strict as the plain load."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(dict(ds_config))  # noqa: F841 (transformers holds only a weak reference)
+    try:
+        llm, info = model_class.from_pretrained(path, config=llm_config, output_loading_info=True,
+                                                local_files_only=True, dtype=torch.float32)
+    finally:
+        unset_hf_deepspeed_config()
+    check_loading_info(info, path, model_class.__name__)
+    return llm
 
 
 def is_stage3(ds_config: dict[str, Any] | None) -> bool:
@@ -239,6 +268,9 @@ def build_for_engine(model_config: ModelConfig | str | Path, ds_config: dict[str
     reads = checkpoint_reads(twin, config)  # every official checkpoint validated before a weight is allocated
     loaded = {r.place.target for r in reads}
     partitioned = is_stage3(ds_config)
+    twin_llm, prefix = (twin.model, "model.") if config.is_omni else (twin, "")
+    if partitioned and config.backbone.checkpoint and not _is_ling(twin_llm):  # replaced whole: no random init
+        loaded |= {prefix + name for name in twin_llm.state_dict()}
     if partitioned:
         model = build_partitioned(architecture, ds_config, loaded, source)
     elif loaded >= set(twin.state_dict()):
@@ -247,5 +279,4 @@ def build_for_engine(model_config: ModelConfig | str | Path, ds_config: dict[str
         model = build_model(architecture, source)  # random weights, overwritten in place by the checkpoints
     stream_checkpoints(model, reads)
     recompute_buffers(model)
-    load_own_checkpoints(model, config, partitioned)
-    return model
+    return load_own_checkpoints(model, config, ds_config)

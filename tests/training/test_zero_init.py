@@ -1,7 +1,8 @@
 """Large models start without materialising everything on every rank (training/zero_init.py).
 
 ZeRO-3 through the real launcher (`deepspeed --num_gpus 2`, CPU, gloo): official-layout releases written here
-(tests/models/releases.py: official key names, per-expert tensors, 2 shards) are built under
+(tests/models/releases.py: official key names, per-expert tensors, 2 shards; a transformers-native Qwen3-MoE
+checkpoint as `save_pretrained` writes it for the hub) are built under
 `deepspeed.zero.Init` and streamed into the partitions. On every rank: each parameter is partitioned (about
 1/2 of it held), its gathered value equals the single-process strictly loaded model bit for bit, the buffers
 are those of a plain fp32 build (also under a bf16 zero.Init), and the logits through training/engine.py's
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -31,10 +33,29 @@ from models.checkpoint import CheckpointError  # noqa: E402
 from tests.models.releases import ling_mini_config, ming_config, write_release  # noqa: E402
 from training.zero_init import build_for_engine  # noqa: E402
 
-RELEASES = {  # name -> config.json of a tiny release in the official layout
-    "ling-mini-2.0": lambda: ling_mini_config(),  # sigmoid routers: a persistent fp32 expert_bias buffer, MTP layer
-    "ming-lite-omni-1.5": lambda: ming_config("1.5"),  # encoders, modality routers, the 15000-row Whisper table
+def write_native(directory: Path, name: str = "tiny-qwen3-moe") -> None:
+    """A transformers-native backbone checkpoint as the hub has it (`save_pretrained`: per-expert tensors),
+    and a model YAML naming it."""
+    torch.manual_seed(0)
+    build_model(f"configs/models/{name}.yaml").save_pretrained(directory / "checkpoint")
+    config = yaml.safe_load((ROOT / "configs" / "models" / f"{name}.yaml").read_text())
+    config["backbone"]["checkpoint"] = str(directory / "checkpoint")
+    (directory / "model.yaml").write_text(yaml.safe_dump(config))
+
+
+RELEASES = {  # name -> writes a tiny release in the official layout into the directory it is given
+    # sigmoid routers: a persistent fp32 expert_bias buffer, MTP layer
+    "ling-mini-2.0": lambda directory: write_release(directory, ling_mini_config()),
+    # encoders, modality routers, the 15000-row Whisper table
+    "ming-lite-omni-1.5": lambda directory: write_release(directory, ming_config("1.5")),
+    # a transformers-native backbone: transformers' own ZeRO-3 load (training/zero_init.py native_partitioned)
+    "qwen3-moe": write_native,
 }
+
+
+def source_of(directory: Path) -> Path:
+    """What build_model / build_for_engine take: a release directory, or the model YAML beside a checkpoint."""
+    return directory / "model.yaml" if (directory / "model.yaml").is_file() else directory
 IDS = [[11, 12, 13, 14, 15, 16, 17], [21, 22, 23, 24, 25, 26, 27]]
 
 
@@ -114,7 +135,7 @@ def worker() -> None:
     from training.engine import init_process_group, launch_world
     rank, _, world = launch_world()
     init_process_group(torch.device("cpu"))
-    results = {name: check_release(Path(args.releases) / name, rank, world) for name in RELEASES}
+    results = {name: check_release(source_of(Path(args.releases) / name), rank, world) for name in RELEASES}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps({"world_size": world, **results}, indent=1))
     torch.distributed.barrier()
 
@@ -123,8 +144,9 @@ def worker() -> None:
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("releases")
-    for name, config in RELEASES.items():
-        write_release(root / name, config())
+    for name, write in RELEASES.items():
+        (root / name).mkdir()
+        write(root / name)
     return root
 
 
@@ -153,7 +175,7 @@ def test_zero3_ranks_hold_partitions_of_the_strictly_loaded_model(releases, tmp_
 @pytest.mark.parametrize("name", RELEASES)
 def test_plain_build_is_one_copy_equal_to_the_strict_load(name, releases):
     """No ZeRO-3: built on the meta device and filled tensor by tensor; same weights, buffers and logits."""
-    directory = releases / name
+    directory = source_of(releases / name)
     reference = quietly_build(directory).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
