@@ -86,8 +86,9 @@ def test_markers_expand_to_the_encoders_real_output_sizes(processor, encoders, a
     with torch.no_grad():
         images = vision(example["pixel_values"], example["image_grid_thw"])
         videos = video(example["pixel_values_videos"], example["video_grid_thw"])
-        clips = audio(AudioInputs(example["audio_features"], example["audio_chunk_frames"],
-                                  example["audio_chunks_per_clip"].tolist(), example["audio_frames_per_clip"].tolist()))
+        inputs = AudioInputs(example["audio_features"], example["audio_chunk_frames"],
+                             example["audio_chunks_per_clip"].tolist(), example["audio_frames_per_clip"].tolist())
+        clips = audio(inputs).split(inputs.frames_per_clip)
         audio_tokens = [projector.project(clip).shape[0] for clip in clips]
     image_spans = spans(ids, *processor.token_ids["image"])
     assert [c for _, c in image_spans] == vision.num_tokens(example["image_grid_thw"])
