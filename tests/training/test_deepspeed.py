@@ -166,7 +166,7 @@ def test_tiny_omni_on_demo_samples_matches_one_process_under_zero2(tmp_path):
         check_case(name, case)
 
 
-@pytest.mark.slow
 def test_tiny_omni_on_demo_samples_matches_one_process_under_zero3(tmp_path):
+    """In the default suite: the case that once fell out of step (ranks with different audio clip counts)."""
     for name, case in omni_demo_cases(tmp_path, "3:ordmoe:batched:tiny-omni")["cases"].items():
         check_case(name, case)
