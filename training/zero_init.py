@@ -269,8 +269,10 @@ def build_for_engine(model_config: ModelConfig | str | Path, ds_config: dict[str
     loaded = {r.place.target for r in reads}
     partitioned = is_stage3(ds_config)
     twin_llm, prefix = (twin.model, "model.") if config.is_omni else (twin, "")
-    if partitioned and config.backbone.checkpoint and not _is_ling(twin_llm):  # replaced whole: no random init
-        loaded |= {prefix + name for name in twin_llm.state_dict()}
+    if partitioned and config.backbone.checkpoint and not _is_ling(twin_llm):
+        if not config.is_omni:  # the whole model is transformers': nothing of ours to build first
+            return native_partitioned(type(twin), twin.config, config.backbone.checkpoint, ds_config)
+        loaded |= {prefix + name for name in twin_llm.state_dict()}  # replaced whole: no random init
     if partitioned:
         model = build_partitioned(architecture, ds_config, loaded, source)
     elif loaded >= set(twin.state_dict()):
