@@ -89,6 +89,12 @@ WHISPER_DIMS = ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")  # openai-whi
 # --------------------------------------------------------------------------------------------------
 # Locating a release
 
+
+class ReleaseNotFound(ConfigError):
+    """A hub release that is not on this machine (not a directory, not in the local cache): the config may be
+    right, the weights are just not downloaded yet."""
+
+
 def resolve_release(name: str, relative_to: Path | None = None, source: str = "<config>") -> Path:
     """A release directory from a path (absolute, relative to `relative_to` or to the working directory) or a
     Hugging Face hub id already in the local hub cache (nothing is downloaded)."""
@@ -102,8 +108,9 @@ def resolve_release(name: str, relative_to: Path | None = None, source: str = "<
             return Path(snapshot_download(name, local_files_only=True))
         except Exception:  # noqa: BLE001 - not in the cache (or no hub client): one actionable message below
             pass
-        raise ConfigError(f"{source}: release {name!r} is neither a directory nor in the local Hugging Face cache; "
-                          f"download it (`huggingface-cli download {name} --local-dir DIR`) and set release: DIR")
+        raise ReleaseNotFound(f"{source}: release {name!r} is neither a directory nor in the local Hugging Face "
+                              f"cache; download it (`huggingface-cli download {name} --local-dir DIR`) and set "
+                              f"release: DIR")
     raise ConfigError(f"{source}: release directory not found: {name}")
 
 

@@ -35,6 +35,10 @@ class InitFromError(ConfigError):
     """`init_from` names no usable model directory, or one of another architecture; names the path and field."""
 
 
+class InitFromMissing(InitFromError):
+    """`init_from` names nothing that exists yet: the previous stage has not been trained (or not here)."""
+
+
 def init_model_dir(init_from: str | Path) -> Path:
     """The model directory (`model.safetensors` + `model_config.yaml`) that `init_from` names."""
     path = Path(init_from)
@@ -44,8 +48,8 @@ def init_model_dir(init_from: str | Path) -> Path:
     try:
         model_dir = resolve_model_dir(path)
     except FileNotFoundError as err:
-        raise InitFromError(f"init_from = {str(init_from)!r}: {err} (run the previous stage first, or point at its "
-                            f"output_dir)") from None
+        raise InitFromMissing(f"init_from = {str(init_from)!r}: {err} (run the previous stage first, or point at its "
+                              f"output_dir)") from None
     if not (model_dir / WEIGHTS).is_file():
         raise InitFromError(f"init_from = {str(init_from)!r}: {model_dir / WEIGHTS} is missing")
     return model_dir
@@ -84,8 +88,10 @@ def check_init_from(config: TrainConfig, model_config: ModelConfig, shapes: Mapp
     try:
         model_dir = init_model_dir(config.init_from)
         found = load_model_dir_config(model_dir)
+    except InitFromError as err:  # its own kind (InitFromMissing: not trained yet), with the file named
+        raise type(err)(f"{source}: {err}") from None
     except (ConfigError, FileNotFoundError) as err:
-        raise InitFromError(f"{source}: {err}" if isinstance(err, InitFromError) else f"{where}: {err}") from None
+        raise InitFromError(f"{where}: {err}") from None
     differences = config_differences(model_config, found)
     names = [key for key in ("backbone.name", "vision.name", "audio.name") if key in differences]
     found_shapes = _meta_model_shapes(found, str(model_dir / MODEL_CONFIG))

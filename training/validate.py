@@ -30,15 +30,21 @@ from models.build import ModelConfig, build_model, load_model_config
 from models.config import ConfigError, from_dict, to_dict
 from models.encoders import AUDIO_ENCODERS, VISION_ENCODERS
 from models.parameters import count_parameters
+from models.release import ReleaseNotFound
 from models.routing import moe_routers
 from models.tiers import build_tier_plan
 from training.config import TrainConfig
-from training.init_from import InitFromError, check_init_from, meta_shapes
+from training.init_from import InitFromError, InitFromMissing, check_init_from, meta_shapes
 from training.param_groups import unmatched_pattern_message
 
 
 class RunRefused(ConfigError):
     """A run that cannot start as configured; the message is one line naming the file and the key."""
+
+
+class NotOnThisMachine(RunRefused):
+    """The run needs an input this machine does not have yet (a hub release not downloaded, shards or a manifest
+    not written, an `init_from` stage not trained); the config itself may be right. `tools/train.py --check` lists these instead of refusing."""
 
 
 @dataclass
@@ -105,21 +111,41 @@ def validated_source(config: TrainConfig) -> str:
     return "<TrainConfig>"
 
 
-def validate_run(config: TrainConfig, source: str = "<TrainConfig>") -> RunPlan:
-    """Check everything a run needs before it writes anything; raises `RunRefused` naming file and key."""
+def validate_run(config: TrainConfig, source: str = "<TrainConfig>",
+                 missing: list[str] | None = None) -> RunPlan | None:
+    """Check everything a run needs before it writes anything; raises `RunRefused` naming file and key.
+
+    With a `missing` list (`tools/train.py --check`), an input this machine lacks (`NotOnThisMachine`) is
+    appended to it instead, the checks that need it are skipped, the rest still run, and None is returned."""
     global _last_validated
     _last_validated = (json.dumps(as_plain(config), sort_keys=True), source)
     output_dir = check_output_path(config, source)
     check_numbers(config, source)
     device = check_device(config, source)
-    model = check_model(config, source)
-    tier_plan = check_objective(config, model, source)
-    tokenizer = check_tokenizer(config, model, source, output_dir)
-    init_from = check_init(config, model, tokenizer, source)
-    data = check_data(config, source)
+    model = _or_missing(missing, check_model, config, source,
+                        then=" (then the model, tier plan, tokenizer and init_from checks run)")
+    if model is not None:
+        tier_plan = check_objective(config, model, source)
+        tokenizer = check_tokenizer(config, model, source, output_dir)
+        init_from = _or_missing(missing, check_init, config, model, tokenizer, source)
+    data = _or_missing(missing, check_data, config, source)
+    if missing:
+        return None
     return RunPlan(source=source, config=config, output_dir=output_dir, device=device, model=model,
                    tier_plan=tier_plan, tokenizer=tokenizer, data=data, init_from=init_from,
                    pipe_commands=pipe_commands(config))
+
+
+def _or_missing(missing: list[str] | None, check, *args, then: str = ""):
+    """`check(*args)`; or, when it needs an input this machine lacks and `missing` is given, None with the
+    reason appended to `missing`."""
+    try:
+        return check(*args)
+    except NotOnThisMachine as err:
+        if missing is None:
+            raise
+        missing.append(f"{err}{then}")
+        return None
 
 
 # ---- the output directory, as a path ------------------------------------------------------------------------
@@ -202,6 +228,8 @@ def check_model(config: TrainConfig, source: str) -> ModelSummary:
             model_config = load_model_dir_config(path.parent)
         else:
             model_config = load_model_config(path)
+    except ReleaseNotFound as err:
+        raise NotOnThisMachine(f"{source}: model: {err}") from None
     except ConfigError as err:
         raise RunRefused(f"{source}: model: {err}") from None
     return summarize_model(model_config, str(path))
@@ -292,6 +320,8 @@ def check_init(config: TrainConfig, model: ModelSummary, tokenizer: Path, source
     """`init_from`: a model directory of this run's architecture and tokenizer (training/init_from.py)."""
     try:
         return check_init_from(config, model.config, model.parameter_shapes, tokenizer, source)
+    except InitFromMissing as err:  # the previous stage is not trained yet
+        raise NotOnThisMachine(str(err)) from None
     except InitFromError as err:
         raise RunRefused(str(err)) from None
 
@@ -328,29 +358,57 @@ def check_tokenizer(config: TrainConfig, model: ModelSummary, source: str, outpu
 
 
 def check_data(config: TrainConfig, source: str) -> list[str]:
-    """Every data source exists and holds something; one description line per source."""
+    """Every data source exists and holds something; one description line per source. Sources that are not
+    on this machine yet are all named in one `NotOnThisMachine`, each with what writes it."""
     data = config.data
     if data.kind == "text":
         return [f"text chunks of {data.corpus or CORPUS} ({data.eval_fraction:.0%} held out)"]
-    lines = []
+    lines, absent = [], []
+
+    def attempt(describe) -> None:
+        try:
+            lines.append(describe())
+        except FileNotFoundError as err:
+            absent.append(str(err))
+
     if data.kind == "manifest":
-        lines.append(_manifest_line(source, "data.manifest", data.manifest))
+        attempt(lambda: _manifest_line(source, "data.manifest", data.manifest))
     else:
         sources = [("data.shards", data.shards, None)] if data.shards else [
             (f"data.mixture[{i}].shards", s.shards, s) for i, s in enumerate(data.mixture)]
         for key, shards, mixed in sources:
-            try:
-                found = list_shards(shards)
-            except (ValueError, FileNotFoundError) as err:
-                raise RunRefused(f"{source}: {key} = {shards!r}: {err}") from None
-            share = f" (dataset {mixed.name!r}, weight {mixed.weight:g})" if mixed else ""
-            lines.append(f"{len(found)} shard(s) from {shards}{share}")
+            attempt(lambda: _shards_line(source, key, shards, mixed))
     if data.eval_manifest is not None:
-        lines.append(_manifest_line(source, "data.eval_manifest", data.eval_manifest) + " (held out, tier probe)")
+        attempt(lambda: _manifest_line(source, "data.eval_manifest", data.eval_manifest) + " (held out, tier probe)")
+    if absent:
+        raise NotOnThisMachine(f"{source}: " + "; ".join(absent))
     return lines
 
 
+def _shards_line(source: str, key: str, shards: str, mixed: Any) -> str:
+    """One shard source's description; FileNotFoundError when none of it is on this machine."""
+    try:
+        found = list_shards(shards)
+    except FileNotFoundError as err:  # its message says how to write them
+        raise FileNotFoundError(f"{key} = {shards!r}: {err}") from None
+    except ValueError as err:
+        raise RunRefused(f"{source}: {key} = {shards!r}: {err}") from None
+    if _is_local_pattern(shards) and not any(Path(shard).is_file() for shard in found):
+        raise FileNotFoundError(f"{key} = {shards!r}: none of its {len(found)} files is here; point it at your "
+                                f"shards (tools/make_shards.py writes them)")
+    share = f" (dataset {mixed.name!r}, weight {mixed.weight:g})" if mixed else ""
+    return f"{len(found)} shard(s) from {shards}{share}"
+
+
+def _is_local_pattern(shards: str) -> bool:
+    """A brace pattern of local files (not `pipe:` commands or URLs, which only the run can open)."""
+    return not str(shards).startswith("pipe:") and "://" not in str(shards)
+
+
 def _manifest_line(source: str, key: str, path: str | None) -> str:
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"{key} = {path!r}: no such file (the demo's: `python -m tools.make_demo_data`; "
+                                f"your own: a JSONL manifest, data/manifest.py)")
     try:
         samples = read_manifest(path)
     except ValueError as err:  # ManifestError names the file and the line

@@ -37,3 +37,23 @@ def test_demo_builds_its_data_and_trains_the_tiny_omni_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| all | 3 | 13-16 |" in out and '"skipped_samples": 0' in out
     assert (tmp_path / "demo" / "tier_probe" / "tier_probe.png").is_file()
+
+
+def test_check_lists_inputs_not_written_yet_and_training_refuses_them(tmp_path, capsys):
+    """An earlier stage not trained, shards and a manifest not written: `--check` names each with what writes
+    it (exit 0, nothing written); the run itself refuses on the first, in one line (exit 2). A shard directory
+    that exists but is empty is a real error for both."""
+    args = ["configs/train/tiny-omni-sft-ordmoe.yaml", f"output_dir={tmp_path / 'run'}",
+            f"init_from={tmp_path / 'align'}", f"data.shards={tmp_path / 'shards'}",
+            f"data.eval_manifest={tmp_path / 'eval.jsonl'}"]
+    assert train_main([*args, "--check"]) == 0
+    missing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("- ")]
+    assert len(missing) == 2, missing  # init_from; then both data inputs in one line
+    assert "init_from" in missing[0] and "run the previous stage first" in missing[0]
+    assert "shard directory not found" in missing[1] and "eval.jsonl': no such file" in missing[1]
+    assert train_main(args) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "shards").mkdir()
+    assert train_main([*args[:2], f"data.shards={tmp_path / 'shards'}", "--check"]) == 2
+    assert "no .tar" in capsys.readouterr().err
